@@ -1,0 +1,499 @@
+"""LM training data: code-shard rows and JSONL documents -> records -> batches.
+
+Tasks (mixed per epoch by ``LMDataConfig.mix``):
+
+* ``caption``: every shard row with a caption, as image→text (an instruction from
+  :data:`IMAGE_TO_TEXT_INSTRUCTIONS`, loss on the caption) with probability ``image_first``, otherwise as
+  text→image (a prompt from :data:`TEXT_TO_IMAGE_TEMPLATES`, loss on the image span). With probability
+  ``cond_dropout`` a text→image record loses its prompt, giving the unconditional ``<bos><boi>`` + image that
+  classifier-free guidance uses.
+* ``vqa``: every entry of a row's ``"qa"`` list (``{"question", "answer"}``), image→text, loss on the answer.
+* ``records``: JSONL segment / chat records (interleaved documents), images referenced as ``"<shard>:<row>"``
+  where ``<shard>`` is the shard directory's name.
+
+An epoch's plan is fixed by (seed, epoch): each task's items repeated ``mix`` times (a fraction draws a random
+subset), shuffled, split evenly over ranks, and cut into batches; a DataLoader worker takes every
+``num_workers``-th batch, so the batches do not depend on the number of workers. Every random choice of an
+item (direction, phrasing, dropout) is seeded by (seed, epoch, plan position). A bad record (unknown image,
+over-long, empty, malformed) is skipped, counted by reason, and replaced by the next item of the plan so every
+rank yields the same number of batches; the run fails once the skipped fraction passes ``max_bad_fraction``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lm.sequence import RecordRejected, Sequence, build_sequence, pack
+from lm.text_tokenizer import TextTokenizer
+from lm.vocab import Vocab
+from tokenizer.errors import InputError
+from tokenizer.shards import CodeShard
+
+log = logging.getLogger(__name__)
+
+TASKS = ("caption", "vqa", "records")
+IMAGE_TO_TEXT_INSTRUCTIONS: tuple[str, ...] = (
+    "Describe the image.",
+    "Write a short report for this image.",
+    "What does this image show?",
+    "Describe the findings in this image.",
+    "Summarize this scan in one sentence.",
+)
+"""Instructions of image→text records; the first is the one inference uses."""
+TEXT_TO_IMAGE_TEMPLATES: tuple[str, ...] = (
+    "Generate a {modality} image: {caption}",
+    "Create a {modality} image of {caption}",
+    "Synthesize a {modality} scan: {caption}",
+    "Draw a {modality} image matching this description: {caption}",
+)
+"""Prompts of text→image records; the first is the one inference uses."""
+DEFAULT_MODALITY = "medical"
+MAX_REPLACEMENTS = 64  # consecutive bad items tolerated before giving up
+MIN_SEEN_FOR_LIMIT = 100  # records seen before the bad fraction is checked mid-epoch
+
+
+# --------------------------------------------------------------------------------- record builders
+def image_to_text_record(image_ref: str, instruction: str, answer: str) -> dict:
+    """``<bos><boi> image <eoi> instruction\\n answer <eos>`` with loss on the answer (and ``<eos>``)."""
+    return {
+        "segments": [{"image": image_ref}, {"text": f"{instruction}\n"}, {"text": answer}],
+        "loss_on": [2],
+    }
+
+
+def text_to_image_prompt(caption: str, modality: str | None = None, template: int = 0) -> str:
+    """The conditioning text of a text→image record; ``""`` for an empty caption (unconditional)."""
+    if not caption:
+        return ""
+    return TEXT_TO_IMAGE_TEMPLATES[template].format(modality=modality or DEFAULT_MODALITY, caption=caption)
+
+
+def text_to_image_record(prompt: str, image_ref: str) -> dict:
+    """``<bos> prompt <boi> image <eoi> <eos>`` with loss on the image span; ``prompt=""`` is unconditional."""
+    return {"segments": [{"text": prompt}, {"image": image_ref}], "loss_on": [1]}
+
+
+def caption_record(
+    row: dict, image_ref: str, rng: np.random.Generator, *, image_first: float, cond_dropout: float
+) -> dict:
+    """One direction of an (image, caption) pair, chosen with ``rng`` (see the module docstring)."""
+    caption = row.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise RecordRejected("empty", f"{image_ref}: no caption")
+    caption = caption.strip()
+    if rng.random() < image_first:
+        instruction = IMAGE_TO_TEXT_INSTRUCTIONS[rng.integers(len(IMAGE_TO_TEXT_INSTRUCTIONS))]
+        return image_to_text_record(image_ref, instruction, caption)
+    if rng.random() < cond_dropout:
+        return text_to_image_record("", image_ref)
+    template = int(rng.integers(len(TEXT_TO_IMAGE_TEMPLATES)))
+    return text_to_image_record(text_to_image_prompt(caption, row.get("modality"), template), image_ref)
+
+
+def vqa_record(qa: object, image_ref: str) -> dict:
+    """A ``{"question", "answer"}`` entry -> image→text record with loss on the answer only."""
+    if not isinstance(qa, dict) or not all(
+        isinstance(qa.get(k), str) and qa[k].strip() for k in ("question", "answer")
+    ):
+        raise RecordRejected(
+            "bad_record",
+            f"{image_ref}: a qa entry must be {{'question': str, 'answer': str}}, got {qa!r:.80}",
+        )
+    return image_to_text_record(image_ref, qa["question"].strip(), qa["answer"].strip())
+
+
+def text_corpus(shard: CodeShard | str | os.PathLike) -> list[str]:
+    """Text to train the default BPE on: captions, QA questions and answers, and the fixed phrasings."""
+    shard = shard if isinstance(shard, CodeShard) else CodeShard(shard)
+    texts, modalities = [], set()
+    for row in shard.rows():
+        if isinstance(row.get("caption"), str) and row["caption"].strip():
+            texts.append(row["caption"].strip())
+        modalities.add(row.get("modality") or DEFAULT_MODALITY)
+        for qa in row.get("qa") or []:
+            if isinstance(qa, dict):
+                texts += [qa[k] for k in ("question", "answer") if isinstance(qa.get(k), str)]
+    texts += list(IMAGE_TO_TEXT_INSTRUCTIONS)
+    texts += [t.format(modality=m, caption="") for t in TEXT_TO_IMAGE_TEMPLATES for m in sorted(modalities)]
+    return texts
+
+
+class ShardResolver:
+    """Image reference ``"<shard name>:<row>"`` -> codes (K, h, w); KeyError / InputError when unknown."""
+
+    def __init__(self, shards: list[CodeShard]) -> None:
+        self.shards = {s.name: s for s in shards}
+        if len(self.shards) != len(shards):
+            raise InputError(
+                f"shard directory names must be unique, got {[str(s.directory) for s in shards]}"
+            )
+
+    def __call__(self, ref: str) -> torch.Tensor:
+        name, _, row = ref.rpartition(":")
+        if name not in self.shards or not row.isdigit():
+            raise KeyError(f"no shard {name!r} (known: {sorted(self.shards)}) or bad row {row!r}")
+        return self.shards[name].codes(int(row))
+
+
+# --------------------------------------------------------------------------------- config
+@dataclass
+class LMDataConfig:
+    """What the LM trains on and how it is batched."""
+
+    shard_dirs: list[str] = field(default_factory=list)
+    """Code shard directories; records refer to their images as ``"<directory name>:<row>"``."""
+    record_files: list[str] = field(default_factory=list)
+    """JSONL files of segment / chat records for training (interleaved documents, instructions)."""
+    val_record_files: list[str] = field(default_factory=list)
+    """JSONL record files for validation."""
+    mix: dict[str, float] = field(default_factory=lambda: {"caption": 1.0, "vqa": 1.0, "records": 1.0})
+    """Times each task's items appear per epoch (tasks: caption, vqa, records; 0.5 = a random half)."""
+    image_first: float = 0.5
+    """Probability that a caption pair becomes image→text rather than text→image."""
+    cond_dropout: float = 0.1
+    """Probability that a text→image record loses its prompt (unconditional, for guidance)."""
+    max_len: int = 1024
+    """Longest sequence in positions."""
+    truncate: bool = True
+    """Cut over-long records at a segment boundary; False rejects them."""
+    pad_to_max: bool = False
+    """Pad every batch to max_len (static shapes) instead of its longest sequence."""
+    batch_size: int = 8
+    """Sequences per batch per device."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    seed: int = 0
+    """Seeds the plan and every per-item random choice."""
+    train_split: str = "train"
+    """Shard rows with this split (or none) train."""
+    val_split: str = "val"
+    """Shard rows with this split validate."""
+    max_bad_fraction: float = 0.05
+    """Fail when more than this fraction of records is skipped."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.mix) - set(TASKS)
+        if unknown or any(w < 0 for w in self.mix.values()) or not sum(self.mix.values()) > 0:
+            raise ValueError(
+                f"mix must map tasks {TASKS} to weights >= 0 with a positive sum, got {dict(self.mix)}"
+            )
+        for name in ("image_first", "cond_dropout", "max_bad_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.max_len < 4 or self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError(
+                f"need max_len >= 4, batch_size >= 1, num_workers >= 0, got {self.max_len}, {self.batch_size}, {self.num_workers}"
+            )
+
+
+# --------------------------------------------------------------------------------- dataset
+def _read_records(paths: list[str]) -> list[tuple[str, list[str]]]:
+    files = []
+    for path in paths:
+        try:
+            files.append((str(path), Path(path).read_text().splitlines()))
+        except OSError as e:
+            raise InputError(f"{path}: cannot read record file ({e})") from None
+    return files
+
+
+class LMDataset(IterableDataset):
+    """Yields :class:`~lm.sequence.Batch` es of one epoch for one rank (see the module docstring).
+
+    Args:
+        shards: the code shards.
+        record_files: (path, lines) of JSONL record files.
+        split: which shard rows to use.
+        config: the data config.
+        vocab, text_tokenizer: the id layout and the text tokenizer.
+        shuffle: shuffle and apply ``mix`` (training); False: every item once, in order (validation).
+    """
+
+    def __init__(
+        self,
+        shards,
+        record_files,
+        split: str,
+        config: LMDataConfig,
+        vocab: Vocab,
+        text_tokenizer: TextTokenizer,
+        *,
+        shuffle: bool = True,
+    ) -> None:
+        self.shards, self.record_files, self.config = shards, record_files, config
+        self.vocab, self.text_tokenizer, self.shuffle = vocab, text_tokenizer, shuffle
+        self.resolver = ShardResolver(shards)
+        self.items = self._items(split)
+        self.epoch, self.rank, self.world_size = 0, 0, 1
+
+    def _items(self, split: str) -> dict[str, np.ndarray]:
+        """Per task, an (n, 3) int64 array of (source, index, sub-index)."""
+        items: dict[str, list] = {t: [] for t in TASKS}
+        default = split == self.config.train_split
+        for s, shard in enumerate(self.shards):
+            for i, row in enumerate(shard.rows()):
+                if not (row.get("split") == split or (default and row.get("split") is None)):
+                    continue
+                if isinstance(row.get("caption"), str) and row["caption"].strip():
+                    items["caption"].append((s, i, 0))
+                qa = row.get("qa")
+                items["vqa"] += [(s, i, j) for j in range(len(qa))] if isinstance(qa, list) else []
+        for f, (_, lines) in enumerate(self.record_files):
+            items["records"] += [(f, n, 0) for n, line in enumerate(lines) if line.strip()]
+        return {t: np.asarray(v, dtype=np.int64).reshape(-1, 3) for t, v in items.items()}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def set_rank(self, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got {rank}, {world_size}")
+        self.rank, self.world_size = rank, world_size
+
+    def plan(self) -> np.ndarray:
+        """This rank's items of the current epoch: (n, 4) int64 of (task, source, index, sub-index)."""
+        rng = np.random.default_rng([self.config.seed, self.epoch])
+        chunks = []
+        for t, task in enumerate(TASKS):
+            items = self.items[task]
+            weight = self.config.mix.get(task, 0.0) if self.shuffle else 1.0
+            whole, part = int(weight), weight - int(weight)
+            picked = [items] * whole + [
+                items[np.sort(rng.permutation(len(items))[: round(part * len(items))])]
+            ]
+            chunk = np.concatenate(picked)
+            chunks.append(np.concatenate([np.full((len(chunk), 1), t, dtype=np.int64), chunk], axis=1))
+        plan = np.concatenate(chunks)
+        if self.shuffle:
+            plan = plan[rng.permutation(len(plan))]
+        per_rank = len(plan) // self.world_size
+        if len(plan) == 0:
+            raise InputError("LM data: no items (check shard_dirs, record_files, the split names and mix)")
+        if per_rank == 0:
+            raise InputError(f"LM data: {len(plan)} items cannot be split over {self.world_size} ranks")
+        return plan[self.rank :: self.world_size][:per_rank]
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return math.ceil(len(self.plan()) / self.config.batch_size)
+
+    def record(self, item: np.ndarray, rng: np.random.Generator) -> tuple[dict, str]:
+        """The record of one plan item and a name for it in messages."""
+        task, source, index, sub = (int(v) for v in item)
+        if TASKS[task] == "records":
+            path, lines = self.record_files[source]
+            where = f"{path}:{index + 1}"
+            try:
+                return json.loads(lines[index]), where
+            except json.JSONDecodeError as e:
+                raise RecordRejected("bad_record", f"{where}: not valid JSON ({e})") from None
+        shard = self.shards[source]
+        ref = f"{shard.name}:{index}"
+        row = shard.row(index)
+        if TASKS[task] == "vqa":
+            return vqa_record(row["qa"][sub], ref), f"{ref} qa {sub}"
+        cfg = self.config
+        return caption_record(row, ref, rng, image_first=cfg.image_first, cond_dropout=cfg.cond_dropout), ref
+
+    def sequence(self, plan: np.ndarray, position: int) -> Sequence:
+        """Build the sequence of ``plan[position]``; raises RecordRejected."""
+        rng = np.random.default_rng([self.config.seed, self.epoch, position * self.world_size + self.rank])
+        record, where = self.record(plan[position], rng)
+        cfg = self.config
+        return build_sequence(
+            record,
+            self.vocab,
+            self.text_tokenizer.encode,
+            self.resolver,
+            max_len=cfg.max_len,
+            truncate=cfg.truncate,
+            where=where,
+        )
+
+    def _replaceable(self, plan: np.ndarray, position: int, skipped: Counter) -> Sequence:
+        for attempt in range(MAX_REPLACEMENTS):
+            try:
+                return self.sequence(plan, (position + attempt) % len(plan))
+            except RecordRejected as e:
+                skipped[e.reason] += 1
+                log.debug("skipped: %s", e)
+        raise InputError(
+            f"LM data: {MAX_REPLACEMENTS} bad records in a row from plan position {position}: {dict(skipped)}"
+        )
+
+    def _check_limit(self, skipped: Counter, seen: int, final: bool) -> None:
+        bad = sum(skipped.values())
+        if (final or seen >= MIN_SEEN_FOR_LIMIT) and seen and bad / seen > self.config.max_bad_fraction:
+            raise InputError(
+                f"LM data: skipped {bad} of {seen} records ({dict(skipped)}), more than max_bad_fraction "
+                f"{self.config.max_bad_fraction}"
+            )
+
+    def __iter__(self):
+        worker = get_worker_info()
+        wid, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        plan, bs = self.plan(), self.config.batch_size
+        total, seen = Counter(), 0
+        for b in range(wid, math.ceil(len(plan) / bs), num_workers):
+            skipped = Counter()
+            seqs = [self._replaceable(plan, p, skipped) for p in range(b * bs, min((b + 1) * bs, len(plan)))]
+            batch = pack(seqs, self.config.max_len, self.vocab.pad, pad_to_max=self.config.pad_to_max)
+            batch.skipped = dict(skipped)
+            total += skipped
+            seen += len(seqs) + sum(skipped.values())
+            self._check_limit(total, seen, final=False)
+            yield batch
+        self._check_limit(total, seen, final=True)
+        if total:
+            log.info(
+                "LM data epoch %d rank %d worker %d: skipped %d of %d records %s",
+                self.epoch,
+                self.rank,
+                wid,
+                sum(total.values()),
+                seen,
+                dict(total),
+            )
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader that tells its :class:`LMDataset` the epoch and rank before every pass.
+
+    ``epoch_fn`` gives the epoch (e.g. the trainer's); without it passes are counted from 0. Workers are
+    started afresh each pass (no persistent workers) so they see the new epoch.
+    """
+
+    def __init__(self, dataset: LMDataset, *, epoch_fn=None, **kwargs) -> None:
+        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        self.epoch_fn = epoch_fn
+        self._passes = 0
+
+    def _sync_rank(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.dataset.set_rank(torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+    def __len__(self) -> int:
+        self._sync_rank()
+        return super().__len__()
+
+    def __iter__(self):
+        epoch = self.epoch_fn() if self.epoch_fn is not None else self._passes
+        self._passes += 1
+        self.dataset.set_epoch(epoch)
+        self._sync_rank()
+        return super().__iter__()
+
+
+def build_vocab(text_tokenizer: TextTokenizer, shards: list[CodeShard], vocab: Vocab | None = None) -> Vocab:
+    """The vocabulary for a text tokenizer and shards; checks a given one against both."""
+    if not shards and vocab is None:
+        raise InputError("LM data: no shard_dirs and no vocab; cannot tell K, V and the grid")
+    if vocab is None:
+        first = shards[0]
+        vocab = Vocab(
+            num_text=text_tokenizer.vocab_size, num_codebooks=first.K, codebook_size=first.V, grid=first.grid
+        )
+    vocab.check_text(text_tokenizer.vocab_size)
+    for shard in shards:
+        try:
+            vocab.check_tokenizer(shard.K, shard.V, shard.grid)
+        except InputError as e:
+            raise InputError(f"{shard.directory}: {e}") from None
+    return vocab
+
+
+def _data_module_class():
+    import lightning.pytorch as pl
+
+    class LMDataModule(pl.LightningDataModule):
+        """Train / val :class:`EpochDataLoader` s of Batches for the LM.
+
+        Args:
+            config: the data config.
+            text_tokenizer: the LM's text tokenizer.
+            vocab: the LM's vocabulary; built from the tokenizer and the shards when None.
+        """
+
+        def __init__(
+            self, config: LMDataConfig, text_tokenizer: TextTokenizer, vocab: Vocab | None = None
+        ) -> None:
+            super().__init__()
+            self.config, self.text_tokenizer = config, text_tokenizer
+            self.shards = [CodeShard(d) for d in config.shard_dirs]
+            self.vocab = build_vocab(text_tokenizer, self.shards, vocab)
+            self.train_set: LMDataset | None = None
+            self.val_set: LMDataset | None = None
+
+        def setup(self, stage: str | None = None) -> None:
+            cfg = self.config
+            common = {"config": cfg, "vocab": self.vocab, "text_tokenizer": self.text_tokenizer}
+            if self.train_set is None:
+                self.train_set = LMDataset(
+                    self.shards, _read_records(cfg.record_files), cfg.train_split, **common
+                )
+            if self.val_set is None:
+                val = LMDataset(
+                    self.shards, _read_records(cfg.val_record_files), cfg.val_split, shuffle=False, **common
+                )
+                self.val_set = val if any(len(v) for v in val.items.values()) else None
+
+        def _epoch(self) -> int:
+            return self.trainer.current_epoch if self.trainer is not None else 0
+
+        def train_dataloader(self) -> EpochDataLoader:
+            self.setup()
+            return EpochDataLoader(
+                self.train_set,
+                epoch_fn=self._epoch if self.trainer else None,
+                num_workers=self.config.num_workers,
+            )
+
+        def val_dataloader(self) -> EpochDataLoader | list:
+            self.setup()
+            if self.val_set is None:
+                return []
+            return EpochDataLoader(self.val_set, epoch_fn=lambda: 0, num_workers=self.config.num_workers)
+
+    LMDataModule.__module__ = __name__
+    return LMDataModule
+
+
+_LAZY: dict[str, type] = {}
+
+
+def __getattr__(name: str):
+    # LMDataModule subclasses LightningDataModule; build it on first use so importing lm.data stays light.
+    if name == "LMDataModule":
+        if name not in _LAZY:
+            _LAZY[name] = _data_module_class()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "IMAGE_TO_TEXT_INSTRUCTIONS",
+    "TASKS",
+    "TEXT_TO_IMAGE_TEMPLATES",
+    "EpochDataLoader",
+    "LMDataConfig",
+    "LMDataModule",  # noqa: F822 — provided lazily by __getattr__
+    "LMDataset",
+    "ShardResolver",
+    "build_vocab",
+    "caption_record",
+    "image_to_text_record",
+    "text_corpus",
+    "text_to_image_prompt",
+    "text_to_image_record",
+    "vqa_record",
+]

@@ -1,0 +1,270 @@
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lm.data import (
+    IMAGE_TO_TEXT_INSTRUCTIONS,
+    EpochDataLoader,
+    LMDataConfig,
+    LMDataset,
+    ShardResolver,
+    caption_record,
+    text_corpus,
+    text_to_image_prompt,
+    vqa_record,
+)
+from lm.sequence import IGNORE_INDEX, build_sequence
+from lm.text_tokenizer import TextTokenizer
+from lm.vocab import Vocab
+from tokenizer.errors import InputError
+from tokenizer.shards import CodeShard, ShardWriter
+
+N, K, V, GRID = 20, 2, 16, (2, 2)
+HW = GRID[0] * GRID[1]
+
+
+def _row(i: int) -> dict:
+    row = {
+        "source": f"img{i}.png",
+        "modality": ["CT", "MR"][i % 2],
+        "caption": f"A {['small', 'large'][i % 2]} lesion in the {['left', 'right'][i % 3 % 2]} lobe.",
+        "split": "val" if i >= 16 else "train",
+    }
+    if i % 4 == 0:
+        row["qa"] = [
+            {"question": "Is there a lesion?", "answer": "yes"},
+            {"question": "Which side?", "answer": "left"},
+        ]
+    if i == 5:
+        row["caption"] = ""  # not a caption item
+    if i == 6:
+        row["qa"] = [{"question": "broken"}]  # a malformed qa entry: skipped and counted
+    return row
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmdata")
+    codes = np.random.default_rng(0).integers(0, V, size=(N, K, *GRID))
+    with ShardWriter(root / "phantoms", num_rows=N, K=K, V=V, grid=GRID, tokenizer_config={"K": K}) as w:
+        w.write(range(N), codes, [_row(i) for i in range(N)])
+        w.finalize()
+    shard = CodeShard(root / "phantoms")
+    tok = TextTokenizer.train_bpe(text_corpus(shard) * 3, vocab_size=300)
+    vocab = Vocab(num_text=tok.vocab_size, num_codebooks=K, codebook_size=V, grid=GRID)
+    records = root / "docs.jsonl"
+    lines = [
+        {
+            "segments": [
+                {"text": "Two scans. "},
+                {"image": "phantoms:1"},
+                {"text": " and "},
+                {"image": "phantoms:2"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": [{"image": "phantoms:3"}, {"text": "Side?"}]},
+                {"role": "assistant", "content": "left"},
+            ]
+        },
+        {"segments": [{"text": "missing"}, {"image": "phantoms:999"}]},
+        {"segments": []},
+    ]
+    records.write_text("\n".join([json.dumps(r) for r in lines] + ["{not json"]) + "\n")
+    return {"root": root, "shard": shard, "tok": tok, "vocab": vocab, "records": str(records), "codes": codes}
+
+
+def _dataset(env, split="train", shuffle=True, **cfg):
+    cfg = LMDataConfig(
+        **{"shard_dirs": [str(env["root"] / "phantoms")], "record_files": [env["records"]], "max_len": 64,
+           "batch_size": 4, "max_bad_fraction": 0.3, **cfg}
+    )  # fmt: skip
+    files = [(p, Path(p).read_text().splitlines()) for p in cfg.record_files]
+    return LMDataset([env["shard"]], files, split, cfg, env["vocab"], env["tok"], shuffle=shuffle)
+
+
+def _targets(seq) -> torch.Tensor:
+    """Ids of the positions that carry loss."""
+    return seq.tokens[1:][(seq.labels[:-1] != IGNORE_INDEX).all(1)]
+
+
+def _build(env, record):
+    return build_sequence(record, env["vocab"], env["tok"].encode, ShardResolver([env["shard"]]))
+
+
+def test_text_corpus(env):
+    corpus = text_corpus(env["shard"])
+    assert _row(0)["caption"] in corpus and "Is there a lesion?" in corpus and "left" in corpus
+    assert IMAGE_TO_TEXT_INSTRUCTIONS[0] in corpus and "" not in corpus
+
+
+def test_image_to_text_loss_on_caption_only(env):
+    row = env["shard"].row(2)
+    record = caption_record(row, "phantoms:2", np.random.default_rng(0), image_first=1.0, cond_dropout=0.0)
+    seq = _build(env, record)
+    vocab, tok = env["vocab"], env["tok"]
+    assert seq.tokens[:2, 0].tolist() == [vocab.bos, vocab.boi]
+    assert torch.equal(seq.tokens[2 : 2 + HW], vocab.image_rows(env["shard"].codes(2)))
+    targets = _targets(seq)[:, 0].tolist()
+    assert targets[-1] == vocab.eos and tok.decode(targets[:-1]) == row["caption"]
+
+
+def test_text_to_image_loss_on_image_and_prompt(env):
+    row = env["shard"].row(3)
+    record = caption_record(row, "phantoms:3", np.random.default_rng(0), image_first=0.0, cond_dropout=0.0)
+    prompt = record["segments"][0]["text"]
+    assert row["caption"] in prompt and "MR" in prompt
+    seq = _build(env, record)
+    vocab = env["vocab"]
+    n = len(env["tok"].encode(prompt))
+    assert env["tok"].decode(seq.tokens[1 : 1 + n, 0].tolist()) == prompt
+    targets = _targets(seq)
+    assert targets[:, 0].tolist() == [vocab.boi] + targets[1 : 1 + HW, 0].tolist() + [vocab.eoi, vocab.eos]
+    assert torch.equal(targets[1 : 1 + HW], vocab.image_rows(env["shard"].codes(3)))
+    assert text_to_image_prompt(row["caption"], "MR") == f"Generate a MR image: {row['caption']}"
+
+
+def test_condition_dropout_gives_the_unconditional_prompt(env):
+    row = env["shard"].row(4)
+    record = caption_record(row, "phantoms:4", np.random.default_rng(0), image_first=0.0, cond_dropout=1.0)
+    seq = _build(env, record)
+    vocab = env["vocab"]
+    assert seq.tokens[:2, 0].tolist() == [vocab.bos, vocab.boi]
+    assert torch.equal(seq.tokens[2 : 2 + HW], vocab.image_rows(env["shard"].codes(4)))
+    assert seq.tokens[2 + HW :, 0].tolist() == [vocab.eoi, vocab.eos]
+    rng = np.random.default_rng(1)
+    kinds = Counter()
+    for _ in range(2000):
+        r = caption_record(row, "x:4", rng, image_first=0.5, cond_dropout=0.1)
+        first = r["segments"][0]
+        kinds["image_first" if "image" in first else ("uncond" if first["text"] == "" else "cond")] += 1
+    assert 900 < kinds["image_first"] < 1100 and 60 < kinds["uncond"] < 140  # 50% and 5%
+
+
+def test_vqa_loss_on_answer_only(env):
+    seq = _build(env, vqa_record(env["shard"].row(0)["qa"][1], "phantoms:0"))
+    targets = _targets(seq)[:, 0].tolist()
+    assert env["tok"].decode(targets[:-1]) == "left" and targets[-1] == env["vocab"].eos
+
+
+def _epoch(ds, epoch):
+    ds.set_epoch(epoch)
+    return list(ds)
+
+
+def test_batches_shapes_ranges_and_skips(env):
+    ds = _dataset(env)
+    batches = _epoch(ds, 0)
+    vocab = env["vocab"]
+    items = 15 + 2 * 4 + 1 + 5  # captions (16 train rows, one empty), qa entries (one malformed), records
+    assert len(batches) == len(ds) == -(-items // 4)
+    assert sum(len(b) for b in batches) == items  # bad records are replaced, so every slot is filled
+    for b in batches:
+        B, T = b.attention_mask.shape
+        assert b.tokens.shape == b.labels.shape == (B, T, K) and b.image_pos.shape == (B, T)
+        assert b.tokens.dtype == b.labels.dtype == b.image_pos.dtype == torch.long
+        assert T <= 64 and ((b.tokens >= 0) & (b.tokens < vocab.size)).all()
+        assert torch.equal(vocab.is_image(b.tokens[..., 0]), b.image_pos >= 0)
+    skipped = sum((Counter(b.skipped) for b in batches), Counter())
+    assert skipped == {"unknown_image": 1, "empty": 1, "bad_record": 2}
+
+
+def test_deterministic_given_seed_and_epoch(env):
+    def key(batches):
+        return [(b.tokens.tolist(), b.labels.tolist()) for b in batches]
+
+    a, b = _dataset(env), _dataset(env)
+    assert key(_epoch(a, 0)) == key(_epoch(b, 0))
+    assert key(_epoch(a, 1)) != key(_epoch(b, 0))
+    assert key(_epoch(_dataset(env, seed=1), 0)) != key(_epoch(b, 0))
+    loader = EpochDataLoader(_dataset(env), epoch_fn=lambda: 1, num_workers=2)
+    assert key(list(loader)) == key(_epoch(a, 1))  # independent of the number of workers
+
+
+def test_mix_weights_and_rank_split(env):
+    ds = _dataset(env, mix={"caption": 0.5, "vqa": 2.0, "records": 0.0})
+    counts = Counter(ds.plan()[:, 0].tolist())
+    assert counts == {0: 8, 1: 18}
+    ds = _dataset(env)
+    full = {tuple(x) for x in ds.plan().tolist()}
+    parts = []
+    for rank in range(3):
+        ds.set_rank(rank, 3)
+        parts.append({tuple(x) for x in ds.plan().tolist()})
+    assert len({len(p) for p in parts}) == 1 and not (parts[0] & parts[1]) and set().union(*parts) <= full
+
+
+def test_val_split_and_bad_fraction_limit(env):
+    val = _dataset(env, split="val", shuffle=False, record_files=[])
+    assert {int(s) for s in val.plan()[:, 2]} == {16, 17, 18, 19}
+    assert sum(len(b) for b in val) == 4 + 2
+    with pytest.raises(InputError, match="max_bad_fraction"):
+        list(_dataset(env, max_bad_fraction=0.01))
+
+
+def test_over_long_records_are_skipped(env):
+    mix = {"caption": 1.0, "vqa": 0.0, "records": 0.0}
+    lengths = torch.cat([b.attention_mask.sum(1) for b in _epoch(_dataset(env, mix=mix), 0)])
+    max_len = int(lengths.median())
+    batches = _epoch(_dataset(env, max_len=max_len, mix=mix, max_bad_fraction=1.0), 0)
+    skipped = sum((Counter(b.skipped) for b in batches), Counter())
+    assert skipped["no_loss"] > 0 and set(skipped) <= {"too_long", "no_loss"}
+    assert all(b.attention_mask.shape[1] <= max_len for b in batches)
+    assert sum(len(b) for b in batches) == len(lengths)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="mix"):
+        LMDataConfig(mix={"captions": 1.0})
+    with pytest.raises(ValueError, match="cond_dropout"):
+        LMDataConfig(cond_dropout=1.5)
+
+
+def test_data_module(env):
+    from lm.data import LMDataModule
+
+    cfg = LMDataConfig(shard_dirs=[str(env["root"] / "phantoms")], record_files=[env["records"]], max_len=64,
+                       batch_size=4, max_bad_fraction=0.3)  # fmt: skip
+    dm = LMDataModule(cfg, env["tok"])
+    assert dm.vocab == env["vocab"]
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.tokens.shape[0] == 4
+    assert sum(len(b) for b in dm.val_dataloader()) == 6
+    wrong = Vocab(num_text=env["tok"].vocab_size, num_codebooks=K, codebook_size=V + 1, grid=GRID)
+    with pytest.raises(InputError, match="phantoms"):
+        LMDataModule(cfg, env["tok"], wrong)
+
+
+def test_lightning_moves_batches_and_sets_epochs(env):
+    import lightning.pytorch as pl
+
+    from lm.data import LMDataModule
+
+    class Probe(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(env["vocab"].size, 4)
+            self.first_tokens = {}
+
+        def training_step(self, batch, _):
+            self.first_tokens.setdefault(self.current_epoch, batch.tokens.clone())
+            return self.emb(batch.tokens).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cfg = LMDataConfig(shard_dirs=[str(env["root"] / "phantoms")], record_files=[env["records"]], max_len=64,
+                       batch_size=4, max_bad_fraction=0.3)  # fmt: skip
+    probe = Probe()
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(probe, datamodule=LMDataModule(cfg, env["tok"]))
+    ds = _dataset(env)
+    for epoch in (0, 1):
+        assert torch.equal(probe.first_tokens[epoch], _epoch(ds, epoch)[0].tokens)
