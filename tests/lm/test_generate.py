@@ -1,0 +1,280 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lm.config import lm_config
+from lm.generate import (
+    KVCache,
+    SamplingConfig,
+    _generate,
+    generate_image_codes,
+    generate_tokens,
+    sample,
+    unconditional_prompt,
+)
+from lm.model import DecoderLM
+from lm.vocab import Vocab
+from tokenizer.errors import InputError
+
+VOCAB = Vocab(num_text=40, num_codebooks=2, codebook_size=16, grid=(2, 2))
+HW = VOCAB.image_length
+GREEDY = dict(text_temperature=0.0, image_temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model() -> DecoderLM:
+    torch.manual_seed(0)
+    return DecoderLM(lm_config("tiny"), VOCAB).eval()
+
+
+def prompts() -> list[torch.Tensor]:
+    """Different lengths (left padding), one ending in text, one inside an image, one right after <boi>."""
+    codes = VOCAB.codes_to_ids(torch.tensor([[3, 5]]))
+    return [
+        VOCAB.text_rows([VOCAB.bos, 3, 4, 5, 6, 7]),
+        torch.cat([VOCAB.text_rows([VOCAB.bos, 9, VOCAB.boi]), codes]),
+        VOCAB.text_rows([VOCAB.bos, VOCAB.boi]),
+    ]
+
+
+def check_structure(seq: torch.Tensor) -> int:
+    """Assert every image span is <boi>, exactly h*w image rows, <eoi>; return the number of complete images."""
+    first = seq[:, 0].tolist()
+    images, t = 0, 0
+    while t < len(first):
+        if VOCAB.is_image(torch.tensor(first[t])):
+            raise AssertionError(f"image row {t} outside a span")
+        if first[t] == VOCAB.boi:
+            span = seq[t + 1 : t + 1 + HW]
+            if t + 1 + HW >= len(first):  # an unfinished image may only end the sequence
+                assert bool(VOCAB.is_image(span[:, 0]).all())
+                return images
+            assert bool(VOCAB.is_image(span[:, 0]).all()), f"span at {t} has non-image rows"
+            VOCAB.ids_to_codes(span)  # column k holds sub-code k
+            assert first[t + 1 + HW] == VOCAB.eoi, f"no <eoi> after {HW} positions at {t}"
+            images, t = images + 1, t + 2 + HW
+        else:
+            t += 1
+    return images
+
+
+def test_kv_cache_equals_full_recompute(model):
+    sampling = SamplingConfig(**GREEDY, max_new_tokens=16)
+    cached = generate_tokens(model, prompts(), sampling, seed=0)
+    recomputed = generate_tokens(model, prompts(), sampling, seed=0, use_cache=False)
+    alone = [generate_tokens(model, [p], sampling, seed=0, use_cache=False)[0] for p in prompts()]
+    for c, r, a in zip(cached, recomputed, alone, strict=True):
+        assert torch.equal(c, r) and torch.equal(c, a)
+    seqs = [torch.cat([p, c]) for p, c in zip(prompts(), cached, strict=True)]
+    assert all(check_structure(s) >= 1 for s in seqs[1:])  # image spans completed after the prompt
+    for c in cached[1:]:  # and text follows the image in the same batch
+        after = c[int((c[:, 0] == VOCAB.eoi).nonzero()[0]) :, 0]
+        assert bool(VOCAB.is_text(after).any())
+
+
+def test_cache_bookkeeping(model):
+    cache = KVCache.for_model(model, batch_size=2, max_len=6)
+    mask = torch.tensor([[False, True, True], [True, True, True]])
+    positions, attn = cache.begin(mask)
+    assert positions.tolist() == [[0, 0, 1], [0, 1, 2]]
+    assert attn.shape == (2, 1, 3, 6)
+    assert attn[0, 0].tolist()[2] == [False, True, True, False, False, False]
+    assert attn[0, 0].tolist()[0] == [True, False, False, False, False, False]  # a pad query sees itself only
+    positions, attn = cache.begin(torch.tensor([[True], [False]]))
+    assert positions[0].tolist() == [2] and cache.length == 4
+    assert cache.next_pos.tolist() == [3, 3]  # the padded step does not advance row 1
+    with pytest.raises(InputError, match="overflows"):
+        cache.begin(torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(InputError, match="max_seq_len"):
+        KVCache.for_model(model, 1, model.config.max_seq_len + 1)
+
+
+def test_images_have_exactly_hw_positions_and_boi_needs_room(model, monkeypatch):
+    text_logits = model.text_logits
+
+    def boi_loving(hidden):  # a model that always wants to start an image
+        logits = text_logits(hidden).clone()
+        logits[..., VOCAB.boi] += 100.0
+        return logits
+
+    monkeypatch.setattr(model, "text_logits", boi_loving)
+    text_prompt = [VOCAB.text_rows([VOCAB.bos, 5])] * 3
+    for budget, images in ((HW + 1, 0), (HW + 2, 1), (2 * (HW + 2) + 1, 2), (2 * (HW + 2) + HW + 1, 2)):
+        outs = generate_tokens(
+            model, text_prompt, SamplingConfig(max_new_tokens=budget), seed=1, stop_at_eos=False
+        )
+        for out in outs:
+            assert out.shape[0] == budget
+            assert check_structure(out) == images
+            assert int((out[:, 0] == VOCAB.boi).sum()) == images  # never a <boi> without room
+
+
+def test_sampled_generation_structure_and_determinism(model):
+    runs = (
+        (SamplingConfig(text_top_k=20, image_top_p=0.9, max_new_tokens=3 * (HW + 2)), False),
+        (SamplingConfig(text_top_p=0.8, image_top_k=5, cfg_scale=2.0, max_new_tokens=2 * (HW + 2)), True),
+    )
+    for sampling, force_image in runs:
+        a = generate_tokens(model, prompts(), sampling, seed=7, force_image=force_image)
+        b = generate_tokens(model, prompts(), sampling, seed=7, force_image=force_image)
+        c = generate_tokens(model, prompts(), sampling, seed=8, force_image=force_image)
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+        assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+        for i, (p, out) in enumerate(zip(prompts(), a, strict=True)):
+            assert check_structure(torch.cat([p, out])) >= int(force_image or i > 0)
+
+
+def test_guidance_uses_the_unconditional_prompt(model, monkeypatch):
+    assert torch.equal(unconditional_prompt(VOCAB, prompts()[2]), VOCAB.text_rows([VOCAB.bos, VOCAB.boi]))
+    started = prompts()[1]
+    assert torch.equal(
+        unconditional_prompt(VOCAB, started),
+        torch.cat([VOCAB.text_rows([VOCAB.bos, VOCAB.boi]), started[-1:]]),
+    )
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: seen.append(a) or forward(*a, **kw))
+    generate_tokens(
+        model, prompts(), SamplingConfig(cfg_scale=3.0, max_new_tokens=HW + 1), seed=0, force_image=True
+    )
+    tokens, image_pos, mask = seen[0]  # the prefill batch: 3 conditional rows, then their 3 partners
+    assert tokens.shape[0] == 6
+    bos_boi = VOCAB.text_rows([VOCAB.bos, VOCAB.boi])
+    partners = [bos_boi, torch.cat([bos_boi, prompts()[1][-1:]]), bos_boi]  # prompt 0 got a forced <boi>
+    for row, partner in enumerate(partners):
+        n = partner.shape[0]
+        assert torch.equal(tokens[3 + row, -n:], partner)
+        assert not bool(mask[3 + row, :-n].any()) and bool(mask[3 + row, -n:].all())
+        assert image_pos[3 + row, -n:].tolist() == [-1, -1] + list(range(n - 2))
+    assert all(step[0].shape[:2] == (6, 1) for step in seen[1:])  # every decode step runs the doubled batch
+
+
+def test_guidance_scale_one_equals_no_guidance_and_scale_matters(model):
+    for kwargs in (GREEDY, {}):
+        sampling = SamplingConfig(**kwargs, max_new_tokens=2 * HW + 3)
+        plain = generate_tokens(model, prompts(), sampling, seed=3, force_image=True)
+        doubled = _generate(model, prompts(), sampling, 3, True, True, True, True)
+        assert all(torch.equal(x, y) for x, y in zip(plain, doubled, strict=True))
+    strong = SamplingConfig(**GREEDY, cfg_scale=8.0, max_new_tokens=HW + 1)
+    plain = generate_image_codes(model, prompts(), SamplingConfig(**GREEDY), seed=0)
+    guided = generate_image_codes(model, prompts(), strong, seed=0)
+    assert not torch.equal(plain, guided)
+    interval = SamplingConfig(
+        **GREEDY, cfg_scale=8.0, cfg_interval=(1.0, 1.0)
+    )  # empty interval -> no guidance
+    assert torch.equal(generate_image_codes(model, prompts(), interval, seed=0), plain)
+
+
+def test_generate_image_codes(model):
+    codes = generate_image_codes(model, prompts(), SamplingConfig(cfg_scale=2.0), seed=0)
+    assert codes.shape == (3, VOCAB.num_codebooks, *VOCAB.grid)
+    assert codes.min() >= 0 and codes.max() < VOCAB.codebook_size
+    # the second prompt already holds the first image position; it is kept
+    assert codes[1, :, 0, 0].tolist() == [3, 5]
+
+
+def test_sample_filters():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 2.0, 1.0, float("-inf")]]).repeat(2000, 1)
+    assert sample(logits, 0.0, 0, 1.0, g).unique().tolist() == [1]
+    assert sample(logits, 1.0, 1, 1.0, g).unique().tolist() == [1]
+    assert sample(logits, 1.0, 0, 0.5, g).unique().tolist() == [1]  # p(1) = 0.67 covers the nucleus
+    draws = sample(logits, 1.0, 0, 1.0, g)
+    freq = torch.bincount(draws, minlength=4).float() / 2000
+    torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.04, rtol=0)
+    assert set(sample(logits, 1.0, 2, 1.0, g).unique().tolist()) == {1, 2}
+
+
+def test_bad_prompts_and_settings_raise(model):
+    greedy = SamplingConfig(**GREEDY, max_new_tokens=8)
+    codes = VOCAB.codes_to_ids(torch.tensor([[1, 2]]))
+    with pytest.raises(InputError, match=r"prompts\[0\].*outside"):
+        generate_tokens(model, [torch.cat([VOCAB.text_rows([VOCAB.bos]), codes])], greedy, seed=0)
+    with pytest.raises(InputError, match=r"prompts\[1\].*shape"):
+        generate_tokens(model, [VOCAB.text_rows([1]), torch.zeros(3, dtype=torch.long)], greedy, seed=0)
+    with pytest.raises(InputError, match="needs 5 positions"):
+        generate_tokens(model, [VOCAB.text_rows([1, VOCAB.boi])], SamplingConfig(max_new_tokens=4), seed=0)
+    with pytest.raises(InputError, match="guidance"):
+        generate_tokens(model, [VOCAB.text_rows([1])], SamplingConfig(cfg_scale=2.0), seed=0)
+    with pytest.raises(InputError, match="max_seq_len"):
+        generate_tokens(model, [VOCAB.text_rows([1])], SamplingConfig(max_new_tokens=10_000), seed=0)
+    for bad in (
+        {"text_temperature": -1},
+        {"image_top_p": 0.0},
+        {"cfg_interval": (0.5, 0.2)},
+        {"max_new_tokens": 0},
+    ):
+        with pytest.raises(InputError):
+            SamplingConfig(**bad)
+
+
+def test_hf_backbone_generates(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = DecoderLM(lm_config("tiny", hf_backbone=str(tmp_path)), VOCAB).eval()
+    sampling = SamplingConfig(**GREEDY, max_new_tokens=12)
+    cached = generate_tokens(model, prompts(), sampling, seed=0)
+    recomputed = generate_tokens(model, prompts(), sampling, seed=0, use_cache=False)
+    for p, c, r in zip(prompts(), cached, recomputed, strict=True):
+        assert torch.equal(c, r)
+        check_structure(torch.cat([p, c]))
+    assert generate_image_codes(model, prompts(), SamplingConfig(cfg_scale=2.0), seed=0).shape == (3, 2, 2, 2)
+
+
+def decode_ms_per_position(model, batch: int, reps: int = 3) -> tuple[float, float]:
+    """Best-of-reps ms per image position of guided image generation: (ours, HF LlamaForCausalLM.generate).
+
+    The HF model has the same width, depth, heads and MLP over the flat vocabulary; it generates the
+    same image as h*w*K tokens (one per sub-code) for the doubled (cond + uncond) batch.
+    """
+    import time
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab, c = model.vocab, model.config
+    prompt = vocab.text_rows([vocab.bos, *range(20)])
+    sampling = SamplingConfig(cfg_scale=3.0, image_top_k=100)
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab.size, hidden_size=c.dim, intermediate_size=c.mlp_hidden, num_hidden_layers=c.n_layers,
+            num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
+        )
+    ).eval()  # fmt: skip
+    ids = torch.arange(21).repeat(2 * batch, 1)
+    n = vocab.image_length * vocab.num_codebooks
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=100, pad_token_id=0)
+
+    def seconds(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    # warm-up (lazy initialisation) on short runs
+    generate_tokens(model, [prompt], replace(sampling, max_new_tokens=4, cfg_scale=1.0), seed=0)
+    hf.generate(ids, attention_mask=torch.ones_like(ids), **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+    ours, theirs = [], []
+    for _ in range(reps):  # interleaved, best of reps: the machine is shared, the minimum is least disturbed
+        ours.append(seconds(lambda: generate_image_codes(model, [prompt] * batch, sampling, seed=0)))
+        theirs.append(seconds(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), **kw)))
+    ours, theirs = (min(t) * 1e3 / vocab.image_length for t in (ours, theirs))
+    return ours, theirs
+
+
+@pytest.mark.slow
+def test_decode_speed_against_hf_llama():
+    """Run: HF_HUB_OFFLINE=1 uv run pytest tests/lm/test_generate.py -m slow -s -k speed"""
+    torch.set_num_threads(1)  # the CPU is shared; one thread keeps both sides comparable
+    vocab = Vocab(num_text=256, num_codebooks=2, codebook_size=16, grid=(8, 8))
+    model = DecoderLM(lm_config("tiny"), vocab).eval()
+    for batch in (1, 8):
+        ours, theirs = decode_ms_per_position(model, batch, reps=7)
+        print(
+            f"\ntiny batch {batch} + guidance: ours {ours:.2f} ms/position, HF generate {theirs:.2f} ms/position"
+        )
+    assert theirs / ours >= 1.5  # the bar is set at batch 8 with guidance
