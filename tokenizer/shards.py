@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
+from tokenizer.atomic import atomic_write_text, temp_path
 from tokenizer.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -59,19 +59,6 @@ CONFIG_NAME = "config.json"
 META_NAME = "shard.json"
 PART_PATTERN = re.compile(r"^index\.rank(\d+)\.jsonl$")
 MAX_CODEBOOK_SIZE = 65536  # uint16 storage
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_json(path: Path) -> dict:
@@ -200,14 +187,13 @@ class ShardWriter:
                     f"{path}: holds a different shard (fields differ: {differing}); use a new directory"
                 )
             return
-        _atomic_write_text(path, json.dumps(content, indent=2))
+        atomic_write_text(path, json.dumps(content, indent=2))
 
     def _open_codes(self) -> np.memmap:
         path = self.directory / CODES_NAME
         shape = (self.num_rows, self.K, *self.grid)
         if not path.exists():
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{CODES_NAME}.", suffix=".tmp")
-            os.close(fd)
+            tmp = temp_path(path)
             try:
                 created = open_memmap(tmp, mode="w+", dtype=np.uint16, shape=shape)
                 created.flush()
@@ -339,7 +325,7 @@ class ShardWriter:
         extra = sorted(set(merged) - set(range(self.num_rows)))
         if extra:
             raise InputError(f"{self.directory}: logs hold rows outside [0, {self.num_rows}): {extra[:5]}")
-        _atomic_write_text(index, "".join(merged[r].rstrip("\n") + "\n" for r in range(self.num_rows)))
+        atomic_write_text(index, "".join(merged[r].rstrip("\n") + "\n" for r in range(self.num_rows)))
         self.close()
         for path in parts:
             path.unlink(missing_ok=True)
