@@ -15,10 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -174,6 +172,8 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__()
+        import timm  # imported here: the CNN presets and tokenize_image never pay for timm
+
         self.backbone = timm.create_model(config.encoder_name, pretrained=False, **_timm_kwargs(config))
         grid = tuple(getattr(getattr(self.backbone, "patch_embed", None), "grid_size", ()))
         if grid != config.grid:
@@ -204,10 +204,12 @@ class ViTDecoder(nn.Module):
         width, patch = config.decoder_width, config.downsample
         height, grid_w = config.grid
         self.patch = patch
+        from timm.models import vision_transformer as vit
+
         self.proj_in = nn.Linear(config.quantizer.latent_dim, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, height * grid_w, width))
         self.blocks = nn.ModuleList(
-            Block(width, config.decoder_heads, mlp_ratio=4.0, qkv_bias=True)
+            vit.Block(width, config.decoder_heads, mlp_ratio=4.0, qkv_bias=True)
             for _ in range(config.decoder_depth)
         )
         self.norm = nn.LayerNorm(width)
@@ -413,6 +415,8 @@ def create_timm_model(name: str, pretrained: str | None = None, **kwargs) -> nn.
             ``"timm/vit_small_patch14_dinov2.lvd142m"``. timm adapts position embeddings to ``img_size``.
         **kwargs: passed to ``timm.create_model`` (``num_classes``, ``img_size``, ``in_chans``, ...).
     """
+    import timm
+
     if pretrained is None:
         return timm.create_model(name, pretrained=False, **kwargs)
     path = Path(pretrained).expanduser()
