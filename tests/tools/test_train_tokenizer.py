@@ -3,21 +3,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from tokenizer import load_tokenizer
-from tools.schemas import TrainTokenizerRun, register
+from tools.schemas import TrainTokenizerRun, compose
 from tools.train_tokenizer import train
-
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def compose_run(overrides: list[str]) -> TrainTokenizerRun:
-    register()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train_tokenizer", overrides=overrides)
-    return OmegaConf.to_object(cfg)
+    return compose("train_tokenizer", overrides)
 
 
 @pytest.mark.parametrize("tokenizer", ["tiny", "small", "base", "large"])
