@@ -468,12 +468,17 @@ class DecoderLM(nn.Module):
         lse = torch.logsumexp(text_logits, dim=-1)
         out.z_loss = self.config.z_loss_weight * lse.pow(2).sum() / max(n_text, 1)
 
-        codes = vocab.ids_to_codes(labels[is_image])  # (N_i, K), checks column k holds sub-code k
-        image_logits = self.depth_logits(hidden[is_image], codes)  # (N_i, K, V)
-        n_image = image_logits.shape[0]
-        out.image_loss = F.cross_entropy(
-            image_logits.reshape(-1, vocab.codebook_size), codes.reshape(-1), reduction="sum"
-        ) / max(n_image * vocab.num_codebooks, 1)
+        n_image = int(is_image.sum())
+        if n_image == 0:
+            # No image target in this batch (e.g. only image→text records): a zero that still touches the
+            # depth head, so DDP sees every parameter used.
+            out.image_loss = sum(p.sum() for p in self.depth.parameters()) * 0.0
+        else:
+            codes = vocab.ids_to_codes(labels[is_image])  # (N_i, K), checks column k holds sub-code k
+            image_logits = self.depth_logits(hidden[is_image], codes)  # (N_i, K, V)
+            out.image_loss = F.cross_entropy(
+                image_logits.reshape(-1, vocab.codebook_size), codes.reshape(-1), reduction="sum"
+            ) / (n_image * vocab.num_codebooks)
         out.num_text_targets, out.num_image_targets = n_text, n_image
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

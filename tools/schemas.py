@@ -15,6 +15,7 @@ from omegaconf import MISSING
 from lm.config import PRESETS as LM_PRESETS
 from lm.config import LMConfig
 from lm.data import LMDataConfig
+from lm.evaluation import GenerationEvalConfig, UnderstandingEvalConfig
 from lm.system import LMOptimConfig
 from tokenizer.alignment import AlignmentConfig
 from tokenizer.config import PRESETS as TOKENIZER_PRESETS
@@ -146,6 +147,40 @@ class EvalReconRun:
             )
 
 
+@dataclass
+class EvalGenerationRun(GenerationEvalConfig):
+    """``tools/eval_generation.py``: the text→image benchmark of a trained LM (DESIGN §7).
+
+    Every field of :class:`~lm.evaluation.GenerationEvalConfig` (``num_prompts``, ``cfg_scales``, ``features``,
+    ...) is a top-level key, plus the ones below."""
+
+    model: str = MISSING
+    """The saved LM directory (``UnifiedModel.save_pretrained``; ``<run_dir>/model`` of tools/train_lm.py)."""
+    out: str = MISSING
+    """Report directory (required): metrics.json, metrics.md, generations.jsonl, generation_grid.png."""
+    device: str = "auto"
+    """"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ..."""
+    progress_bar: bool = True
+    """Rich progress bar with ETA."""
+
+
+@dataclass
+class EvalUnderstandingRun(UnderstandingEvalConfig):
+    """``tools/eval_understanding.py``: the image→text benchmark of a trained LM (DESIGN §7).
+
+    Every field of :class:`~lm.evaluation.UnderstandingEvalConfig` (``num_images``, ``vqa``, ...) is a
+    top-level key, plus the ones below."""
+
+    model: str = MISSING
+    """The saved LM directory (``UnifiedModel.save_pretrained``; ``<run_dir>/model`` of tools/train_lm.py)."""
+    out: str = MISSING
+    """Report directory (required): metrics.json, metrics.md, reports.jsonl, reports.png."""
+    device: str = "auto"
+    """"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ..."""
+    progress_bar: bool = True
+    """Rich progress bar with ETA."""
+
+
 _registered = False
 
 
@@ -167,4 +202,25 @@ def register() -> None:
     cs.store(group="schema", name="lm", node=LMConfig)
     for name, make in LM_PRESETS.items():
         cs.store(group="schema/lm", name=name, node=make())
+    cs.store(group="schema", name="eval_generation", node=EvalGenerationRun)
+    cs.store(group="schema", name="eval_understanding", node=EvalUnderstandingRun)
     _registered = True
+
+
+def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> object:
+    """Compose ``conf/<config_name>.yaml`` with command-line style overrides into its schema dataclass.
+
+    The same composition the Hydra entry points do, for callers that run a stage from Python (the
+    quickstart, tests, notebooks).
+    """
+    from pathlib import Path
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register()
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = hydra_compose(config_name, overrides=list(overrides))
+    return OmegaConf.to_object(cfg)

@@ -1,0 +1,214 @@
+"""The LM training system: weighted text / image losses, z-loss, AdamW with warm-up + cosine.
+
+Mixed precision (bf16 autocast) comes from the Lightning ``precision`` setting; the model computes its
+logits and losses in fp32 either way. Activation checkpointing is ``LMConfig.grad_checkpointing``. A step
+whose loss is NaN/Inf on any rank is skipped on every rank (no backward, no optimizer step) and logged.
+The hyperparameters stored in a checkpoint are plain dicts, so ``LMSystem.load_from_checkpoint(path,
+weights_only=True)`` needs neither Hydra nor pickled classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from torch import nn
+
+from lm.config import LMConfig
+from lm.model import DecoderLM, LMOutput
+from lm.sequence import Batch
+from lm.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LMOptimConfig:
+    """AdamW (β 0.9, 0.95) with linear warm-up then cosine decay to ``min_lr_ratio``; loss weights."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    weight_decay: float = 0.1
+    """Weight decay on matrices (never on norms, embeddings or the depth head's step embeddings)."""
+    warmup_steps: int = 200
+    """Linear warm-up steps."""
+    min_lr_ratio: float = 0.1
+    """The cosine ends at this fraction of the peak."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 disables)."""
+    text_weight: float = 1.0
+    """Weight of the text cross-entropy."""
+    image_weight: float = 1.0
+    """Weight of the image (depth head) cross-entropy."""
+    skip_nonfinite: bool = True
+    """Skip (and log) a step whose loss is NaN/Inf instead of applying it."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        if not (math.isfinite(self.lr) and self.lr > 0) or self.warmup_steps < 0:
+            raise ValueError(f"optim: need lr > 0 and warmup_steps >= 0, got {self.lr}, {self.warmup_steps}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas: expected two values in [0, 1), got {self.betas}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio: expected [0, 1], got {self.min_lr_ratio}")
+        for name in ("weight_decay", "grad_clip", "text_weight", "image_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"optim.{name}: expected a finite value >= 0, got {value}")
+        if self.text_weight == 0 and self.image_weight == 0:
+            raise ValueError("optim: text_weight and image_weight are both 0; nothing to train")
+
+
+@dataclass
+class LMTrainConfig:
+    """Model + vocabulary + optimisation; saved inside every Lightning checkpoint as plain data."""
+
+    model: LMConfig = field(default_factory=LMConfig)
+    """The DecoderLM architecture."""
+    vocab: dict = field(default_factory=dict)
+    """The :class:`Vocab` layout as a dict (``Vocab.to_dict``)."""
+    optim: LMOptimConfig = field(default_factory=LMOptimConfig)
+    """Optimizer, schedule and loss weights."""
+    max_steps: int = 1000
+    """Length of the schedule in optimizer steps."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if not self.vocab:
+            raise ValueError("LMTrainConfig.vocab is empty; pass Vocab.to_dict() of the LM's vocabulary")
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-able data (what checkpoints store)."""
+        return {
+            "model": self.model.to_dict(),
+            "vocab": Vocab.from_dict(self.vocab).to_dict(),
+            "optim": {**dataclasses.asdict(self.optim), "betas": list(self.optim.betas)},
+            "max_steps": self.max_steps,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LMTrainConfig:
+        """Inverse of :meth:`to_dict`."""
+        unknown = set(d) - {"model", "vocab", "optim", "max_steps"}
+        if unknown:
+            raise ValueError(f"LM train config: unknown fields {sorted(unknown)}")
+        return cls(
+            model=LMConfig.from_dict(dict(d["model"])),
+            vocab=dict(d["vocab"]),
+            optim=LMOptimConfig(**d.get("optim", {})),
+            max_steps=int(d.get("max_steps", 1000)),
+        )
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; never on norms, biases or embedding tables (``*embed*``)."""
+    decay, other = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embed" not in name else other).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+class LMSystem(L.LightningModule):
+    """Trains a :class:`DecoderLM` on :class:`~lm.sequence.Batch` es.
+
+    Args:
+        config: an :class:`LMTrainConfig`, or its ``to_dict()`` form (as stored in checkpoints).
+    """
+
+    def __init__(self, config: LMTrainConfig | dict):
+        super().__init__()
+        if isinstance(config, dict):
+            config = LMTrainConfig.from_dict(config)
+        self.config = config
+        self.vocab = Vocab.from_dict(config.vocab)
+        self.save_hyperparameters({"config": config.to_dict()})
+        self.model = DecoderLM(config.model, self.vocab)
+        self.skipped_steps = 0
+
+    def configure_optimizers(self):
+        o = self.config.optim
+        groups = param_groups(self.model, o.weight_decay)
+        fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=fused or None)
+        total = self.config.max_steps
+
+        def lam(step: int) -> float:
+            return warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def forward(self, batch: Batch) -> LMOutput:
+        return self.model(batch.tokens, batch.image_pos, batch.attention_mask, labels=batch.labels)
+
+    def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """``loss`` (weighted total, with grad) and the detached parts ``text_loss``, ``image_loss``, ``z_loss``."""
+        out = self(batch)
+        o = self.config.optim
+        return {
+            "loss": out.total_loss(o.text_weight, o.image_weight),
+            "text_loss": out.text_loss.detach(),
+            "image_loss": out.image_loss.detach(),
+            "z_loss": out.z_loss.detach(),
+        }
+
+    def training_step(self, batch: Batch, batch_idx: int):
+        losses = self.losses(batch)
+        n = batch.tokens.shape[0]
+        if self.config.optim.skip_nonfinite and not self._all_finite(losses["loss"]):
+            self.skipped_steps += 1
+            log.warning(
+                "step %d: non-finite loss %s; step skipped (%d so far)",
+                self.global_step,
+                {k: float(v.detach()) for k, v in losses.items()},
+                self.skipped_steps,
+            )
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=n)
+            return None  # Lightning runs no backward and no optimizer step for a None loss
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
+        self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=n)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+        return losses["loss"]
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (all ranks must skip together, or DDP hangs)."""
+        finite = bool(torch.isfinite(loss.detach()))
+        if self._trainer is None:
+            return finite
+        return bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        losses = self.losses(batch)
+        self.log_dict(
+            {f"val/{k}": v.detach() for k, v in losses.items()},
+            batch_size=batch.tokens.shape[0],
+            sync_dist=True,
+        )
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.config.optim.grad_clip:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.config.optim.grad_clip, gradient_clip_algorithm="norm"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lm_skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = int(checkpoint.get("lm_skipped_steps", 0))

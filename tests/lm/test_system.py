@@ -1,0 +1,209 @@
+import logging
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lm.config import lm_config
+from lm.data import LMDataConfig, LMDataModule, text_corpus
+from lm.system import LMOptimConfig, LMSystem, LMTrainConfig, param_groups, warmup_cosine
+from lm.text_tokenizer import TextTokenizer
+from lm.vocab import Vocab
+from tokenizer.api import create_tokenizer
+from tokenizer.checkpoint import load_tokenizer, save_tokenizer
+from tokenizer.data.phantoms import PhantomDataset, phantom_questions
+from tokenizer.shards import CodeShard, ShardWriter
+from tools.trainer import TrainerConfig, build_trainer
+
+NUM_IMAGES = 16
+
+
+def write_phantom_shard(directory, tokenizer, num_images: int = NUM_IMAGES):
+    """A finalized code shard of tiny phantoms with captions and VQA, encoded by ``tokenizer``."""
+    size = tokenizer.config.preprocess.image_size
+    data = PhantomDataset(num_images, seed=0, size=size, channels=tokenizer.config.preprocess.channels)
+    with torch.no_grad():
+        codes = tokenizer.encode_to_codes(torch.stack([data[i]["image"] for i in range(num_images)]))
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(num_images):
+        item = data[i]
+        qa = [{"question": q, "answer": a} for q, a in phantom_questions(data.phantom(i), rng)[:2]]
+        records.append(
+            {"source": item["source"], "modality": item["modality"], "caption": item["caption"], "qa": qa}
+        )
+    q = tokenizer.config.quantizer
+    with ShardWriter(
+        directory, num_rows=num_images, K=q.num_codebooks, V=q.codebook_size, grid=tokenizer.grid,
+        tokenizer_config={"format": "test"},
+    ) as writer:  # fmt: skip
+        writer.write(range(num_images), codes, records)
+        writer.finalize()
+    return CodeShard(directory)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmsystem")
+    tokenizer = load_tokenizer(save_tokenizer(create_tokenizer("tiny").eval(), root / "tok"))
+    shard = write_phantom_shard(root / "phantoms", tokenizer)
+    text = TextTokenizer.train_bpe(text_corpus(shard), vocab_size=400)
+    q = tokenizer.config.quantizer
+    vocab = Vocab(text.vocab_size, q.num_codebooks, q.codebook_size, tokenizer.grid)
+    data_cfg = LMDataConfig(shard_dirs=[str(root / "phantoms")], max_len=256, batch_size=8)
+    return {"root": root, "text": text, "vocab": vocab, "data": data_cfg}
+
+
+def train_config(env, max_steps: int, **model) -> LMTrainConfig:
+    optim = LMOptimConfig(lr=3e-3, warmup_steps=3, weight_decay=0.01)
+    return LMTrainConfig(
+        model=lm_config("tiny", **model), vocab=env["vocab"].to_dict(), optim=optim, max_steps=max_steps
+    )
+
+
+class Recorder(L.Callback):
+    """Global step and loss of every training batch."""
+
+    def __init__(self, snapshot: bool = False):
+        self.steps, self.losses, self.weights, self.snapshot = [], [], [], snapshot
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if outputs:  # {} for a skipped step
+            self.losses.append(float(outputs["loss"]))
+        self.steps.append(trainer.global_step)
+        if self.snapshot:
+            self.weights.append(torch.cat([p.detach().flatten().clone() for p in module.parameters()]))
+
+
+def fit(env, system, run_dir, max_steps: int, ckpt=None, precision="32-true", every=10, snapshot=False):
+    cfg = TrainerConfig(
+        accelerator="cpu", devices=1, precision=precision, max_steps=max_steps, val_every_n_steps=0,
+        checkpoint_every_n_steps=every, progress_bar=False, log_every_n_steps=5,
+    )  # fmt: skip
+    recorder = Recorder(snapshot)
+    trainer = build_trainer(cfg, run_dir, callbacks=[recorder])
+    trainer.fit(system, datamodule=LMDataModule(env["data"], env["text"], env["vocab"]), ckpt_path=ckpt,
+                weights_only=True)  # fmt: skip
+    return recorder
+
+
+def test_schedule_and_param_groups():
+    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(500, 10, 100, 0.1) == pytest.approx(0.1)
+    vocab = Vocab(300, 2, 16, (2, 2))
+    system = LMSystem(LMTrainConfig(model=lm_config("tiny"), vocab=vocab.to_dict()))
+    decay, other = param_groups(system.model, 0.1)
+    names = {id(p): n for n, p in system.model.named_parameters()}
+    assert all("embed" not in names[id(p)] and p.ndim >= 2 for p in decay["params"])
+    assert {"text_embed.weight", "image_embed.weight", "depth.step_embed"} <= {
+        names[id(p)] for p in other["params"]
+    }
+    assert any(names[id(p)].endswith("norm.weight") for p in other["params"])
+    assert len(decay["params"]) + len(other["params"]) == len(list(system.model.parameters()))
+
+
+def test_config_validation_and_plain_dict_round_trip():
+    for bad in ({"lr": 0}, {"betas": (0.9, 1.0)}, {"min_lr_ratio": 2}, {"grad_clip": -1},
+                {"text_weight": 0, "image_weight": 0}, {"warmup_steps": -1}):  # fmt: skip
+        with pytest.raises(ValueError):
+            LMOptimConfig(**bad)
+    with pytest.raises(ValueError, match="vocab"):
+        LMTrainConfig(model=lm_config("tiny"))
+    config = LMTrainConfig(model=lm_config("tiny"), vocab=Vocab(300, 2, 16, (2, 2)).to_dict(), max_steps=7)
+    plain = config.to_dict()
+    assert LMTrainConfig.from_dict(plain) == config
+
+    def only_plain(x):
+        if isinstance(x, dict):
+            return all(isinstance(k, str) and only_plain(v) for k, v in x.items())
+        if isinstance(x, list):
+            return all(only_plain(v) for v in x)
+        return x is None or isinstance(x, str | int | float | bool)
+
+    assert only_plain(plain)
+
+
+def test_training_decreases_loss_resumes_and_reloads(env, tmp_path):
+    torch.manual_seed(0)
+    system = LMSystem(train_config(env, max_steps=40))
+    first = fit(env, system, tmp_path, max_steps=30)
+    assert system.global_step == 30 and first.steps[-1] == 30
+    losses = first.losses
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+
+    # load_from_checkpoint needs no Hydra: the hyperparameters are plain data
+    loaded = LMSystem.load_from_checkpoint(ckpt, weights_only=True)
+    for (name, a), b in zip(system.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert loaded.config == system.config
+
+    # resume: a fresh system continues at step 30 with the schedule where it was
+    resumed = LMSystem(train_config(env, max_steps=40))
+    second = fit(env, resumed, tmp_path, max_steps=34, ckpt=str(ckpt))
+    assert second.steps == [31, 32, 33, 34]
+    lr = resumed.trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(3e-3 * warmup_cosine(34, 3, 40, 0.1))
+    assert np.mean(second.losses) < np.mean(losses[:5])
+
+
+def test_nonfinite_loss_skips_the_step(env, tmp_path, caplog):
+    system = LMSystem(train_config(env, max_steps=4))
+    calls = {"n": 0}
+    original = system.losses
+
+    def poisoned(batch):
+        out = original(batch)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    system.losses = poisoned
+    with caplog.at_level(logging.WARNING, logger="lm.system"):
+        recorder = fit(env, system, tmp_path, max_steps=4, snapshot=True)
+    assert system.skipped_steps == 1 and "non-finite loss" in caplog.text
+    assert len(recorder.losses) == 3  # the poisoned batch returned no loss
+    before, skipped, after = recorder.weights[:3]
+    assert torch.equal(before, skipped) and not torch.equal(skipped, after)  # no backward, no update
+    assert all(torch.isfinite(p).all() for p in system.parameters())
+
+
+def test_bf16_autocast_and_grad_checkpointing(env, tmp_path):
+    system = LMSystem(train_config(env, max_steps=2, grad_checkpointing=True))
+    recorder = fit(env, system, tmp_path, max_steps=2, precision="bf16-mixed")
+    assert recorder.steps == [1, 2] and all(math.isfinite(v) for v in recorder.losses)
+    assert all(p.dtype == torch.float32 for p in system.parameters())
+
+    # activation checkpointing changes memory, not the gradients
+    dm = LMDataModule(env["data"], env["text"], env["vocab"])
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        s = LMSystem(train_config(env, max_steps=2, grad_checkpointing=flag)).train()
+        s.losses(batch)["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in s.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_a_batch_without_image_targets_trains(env):
+    vocab = env["vocab"]
+    system = LMSystem(train_config(env, max_steps=2))
+    tokens = vocab.text_rows([vocab.bos, 5, 6, 7, vocab.eos])[None]
+    labels = torch.full_like(tokens, -100)
+    labels[:, :-1] = tokens[:, 1:]  # an image->text batch: only text targets
+    from lm.sequence import Batch
+
+    batch = Batch(tokens, labels, torch.full((1, 5), -1), torch.ones(1, 5, dtype=torch.bool))
+    losses = system.losses(batch)
+    assert torch.isfinite(losses["loss"]) and losses["image_loss"] == 0

@@ -1,0 +1,126 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from PIL import Image
+
+from lm import describe_image, load_model
+from lm.config import PRESETS, lm_config
+from tokenizer.api import create_tokenizer
+from tokenizer.checkpoint import save_tokenizer
+from tokenizer.data.phantoms import PhantomDataset
+from tokenizer.encode import checkpoint_config
+from tokenizer.shards import ShardWriter
+from tools import generate
+from tools.schemas import TrainLMRun
+from tools.train_lm import train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_run(*overrides: str) -> TrainLMRun:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train_lm", overrides=["trainer.progress_bar=false", *overrides])
+    return OmegaConf.to_object(cfg)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_and_shard(tmp_path_factory):
+    """A tiny tokenizer checkpoint and a shard of 12 phantoms it encoded (captions + one QA each)."""
+    root = tmp_path_factory.mktemp("trainlm")
+    checkpoint = save_tokenizer(create_tokenizer("tiny").eval(), root / "tokenizer")
+    from tokenizer.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoint)
+    data = PhantomDataset(12, seed=1, size=32)
+    with torch.no_grad():
+        codes = tokenizer.encode_to_codes(torch.stack([data[i]["image"] for i in range(12)]))
+    records = [
+        {"source": data[i]["source"], "modality": data[i]["modality"], "caption": data[i]["caption"],
+         "qa": [{"question": "What imaging modality is this?", "answer": data[i]["modality"]}]}
+        for i in range(12)
+    ]  # fmt: skip
+    with ShardWriter(
+        root / "phantoms", num_rows=12, K=2, V=16, grid=(8, 8),
+        tokenizer_config=checkpoint_config(checkpoint, tokenizer),
+    ) as writer:  # fmt: skip
+        writer.write(range(12), codes, records)
+        writer.finalize()
+    return checkpoint, root / "phantoms"
+
+
+def test_every_config_composes():
+    for preset in PRESETS:
+        run = make_run(f"lm={preset}", "tokenizer.checkpoint=ckpt", "data.shard_dirs=[a,b]")
+        assert isinstance(run, TrainLMRun) and run.lm == lm_config(preset)
+        assert run.data.max_len == run.lm.max_seq_len and run.data.shard_dirs == ["a", "b"]
+    for trainer in ("cpu", "gpu", "ddp", "fsdp"):
+        run = make_run(
+            f"trainer={trainer}", "lm=tiny", "lm.grad_checkpointing=true", "tokenizer.checkpoint=c"
+        )
+        assert run.lm.grad_checkpointing and run.lm.dim == 32
+    run = make_run(
+        "tokenizer.checkpoint=c", "seed=5", "optim.lr=1e-3", "data.mix.vqa=0.5", "text_tokenizer=gpt2"
+    )
+    assert run.data.seed == 5 and run.optim.lr == 1e-3 and run.data.mix["vqa"] == 0.5
+    assert run.text_tokenizer == "gpt2" and run.lm == lm_config("small")  # small is the default
+    with pytest.raises(MissingMandatoryValue):
+        make_run()  # no tokenizer.checkpoint
+    with pytest.raises(ConfigCompositionException, match="not_a_field"):
+        make_run("tokenizer.checkpoint=c", "lm.not_a_field=1")
+
+
+def test_cpu_smoke_run_exports_a_model_and_the_cli_uses_it(checkpoint_and_shard, tmp_path, capsys):
+    checkpoint, shard = checkpoint_and_shard
+    run_dir = tmp_path / "run"
+    overrides = [
+        "lm=tiny", f"tokenizer.checkpoint={checkpoint}", f"data.shard_dirs=[{shard}]", f"run_dir={run_dir}",
+        "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=3", "trainer.val_every_n_steps=0",
+        "data.batch_size=4",
+        "text_vocab_size=400",
+    ]  # fmt: skip
+    out = train(make_run(*overrides))
+    assert out == run_dir / "model" and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["lm"]["dim"] == 32  # resolved config saved
+    model = load_model(out)
+    assert model.text_tokenizer.vocab_size <= 400 and model.vocab.grid == (8, 8)
+    assert (run_dir / "text_tokenizer").is_dir()
+
+    # rerunning with more steps resumes from last.ckpt and reuses the saved text tokenizer
+    train(make_run(*overrides[:4], "trainer.max_steps=5", *overrides[5:]))
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 5
+    assert load_model(out).vocab == model.vocab
+
+    # the generation CLI: PNGs + prompts.json, and a printed report
+    images = tmp_path / "images"
+    argv = ["--model", str(out), "--prompt", "one small lesion", "--prompt", "normal", "--num", "2", "--out"]
+    assert generate.main([*argv, str(images), "--seed", "3", "--device", "cpu"]) == 0
+    listing = json.loads((images / "prompts.json").read_text())
+    assert [r["file"] for r in listing["images"]] == ["p00_00.png", "p00_01.png", "p01_00.png", "p01_01.png"]
+    assert listing["images"][2] == {"file": "p01_00.png", "prompt": "normal", "index": 0, "seed": 4}
+    with Image.open(images / "p00_00.png") as png:
+        assert png.size == (32, 32) and png.mode == "RGB"
+    png_path = tmp_path / "scan.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)).save(png_path)
+    capsys.readouterr()
+    assert generate.main(["--model", str(out), "--describe", str(png_path), "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == describe_image(load_model(out), png_path, max_new_tokens=6)
+    assert generate.main(["--model", str(tmp_path / "missing"), "--describe", str(png_path)]) == 2
+    with pytest.raises(SystemExit):
+        generate.main(["--model", str(out), "--prompt", "x"])  # --out is required
+
+
+def test_to_pil_modes():
+    gray = generate.to_pil(torch.linspace(-1, 1, 16).reshape(1, 4, 4))
+    assert gray.mode == "L" and np.asarray(gray)[0, 0] == 0 and np.asarray(gray)[3, 3] == 255
+    assert generate.to_pil(torch.zeros(3, 4, 4)).mode == "RGB"
+    with pytest.raises(ValueError):
+        generate.to_pil(torch.zeros(2, 4, 4))
