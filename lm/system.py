@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 import lightning as L
 import torch
-from torch import nn
 
 from lm.config import LMConfig
 from lm.model import DecoderLM, LMOutput
 from lm.sequence import Batch
 from lm.vocab import Vocab
+from tokenizer.system import cosine_schedule, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -107,23 +107,6 @@ class LMTrainConfig:
         )
 
 
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up to 1, then cosine to ``min_ratio`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; never on norms, biases or embedding tables (``*embed*``)."""
-    decay, other = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and "embed" not in name else other).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-
-
 class LMSystem(L.LightningModule):
     """Trains a :class:`DecoderLM` on :class:`~lm.sequence.Batch` es.
 
@@ -149,7 +132,7 @@ class LMSystem(L.LightningModule):
         total = self.config.max_steps
 
         def lam(step: int) -> float:
-            return warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio)
+            return cosine_schedule(step, o.warmup_steps, total, o.min_lr_ratio)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -8,7 +8,7 @@ import torch
 
 from lm.config import lm_config
 from lm.data import LMDataConfig, LMDataModule, text_corpus
-from lm.system import LMOptimConfig, LMSystem, LMTrainConfig, param_groups, warmup_cosine
+from lm.system import LMOptimConfig, LMSystem, LMTrainConfig, cosine_schedule, param_groups
 from lm.text_tokenizer import TextTokenizer
 from lm.vocab import Vocab
 from tokenizer.api import create_tokenizer
@@ -90,12 +90,12 @@ def fit(env, system, run_dir, max_steps: int, ckpt=None, precision="32-true", ev
 
 
 def test_schedule_and_param_groups():
-    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
-    assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
-    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
-    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
-    assert warmup_cosine(500, 10, 100, 0.1) == pytest.approx(0.1)
+    assert cosine_schedule(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert cosine_schedule(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert cosine_schedule(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert cosine_schedule(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert cosine_schedule(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert cosine_schedule(500, 10, 100, 0.1) == pytest.approx(0.1)
     vocab = Vocab(300, 2, 16, (2, 2))
     system = LMSystem(LMTrainConfig(model=lm_config("tiny"), vocab=vocab.to_dict()))
     decay, other = param_groups(system.model, 0.1)
@@ -151,7 +151,7 @@ def test_training_decreases_loss_resumes_and_reloads(env, tmp_path):
     second = fit(env, resumed, tmp_path, max_steps=34, ckpt=str(ckpt))
     assert second.steps == [31, 32, 33, 34]
     lr = resumed.trainer.optimizers[0].param_groups[0]["lr"]
-    assert lr == pytest.approx(3e-3 * warmup_cosine(34, 3, 40, 0.1))
+    assert lr == pytest.approx(3e-3 * cosine_schedule(34, 3, 40, 0.1))
     assert np.mean(second.losses) < np.mean(losses[:5])
 
 

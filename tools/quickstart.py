@@ -1,0 +1,181 @@
+"""The main job: the whole pipeline on built-in phantom data, on a CPU, in minutes.
+
+    uv run python -m tools.quickstart            # ≈ 10 min on 2 CPU cores; CUDA when present
+    uv run python -m tools.quickstart --fast     # ≈ 3 min smoke run (tiny models)
+
+Stages: phantoms → tokenizer stage ``visual`` → stage ``text`` → code shards → LM → evaluation. Stage
+outputs go to ``outputs/quickstart-<variant>/`` and are reused by the next run (``--fresh`` retrains);
+each run writes its report to ``outputs/<date-time>/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the quickstart never touches the network
+
+from tools.schemas import compose  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Sizes and step counts of one quickstart variant."""
+
+    tokenizer: str
+    lm: str
+    image_size: int
+    num_train: int
+    num_eval: int
+    visual_steps: int
+    text_steps: int
+    lm_steps: int
+    batch_size: int
+    lm_batch_size: int
+
+
+VARIANTS = {
+    "full": Variant("small", "small", 128, 2048, 64, 400, 200, 600, 16, 16),
+    "fast": Variant("tiny", "tiny", 32, 256, 16, 30, 20, 40, 16, 8),
+}
+
+
+def say(message: str) -> None:
+    print(f"\n\033[1m== {message}\033[0m", flush=True)
+
+
+def done(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def train_tokenizer(v: Variant, stages: Path, device: str) -> Path:
+    from tools.train_tokenizer import train
+
+    common = [
+        f"tokenizer={v.tokenizer}",
+        "data=phantoms",
+        f"data.num_train={v.num_train}",
+        f"data.batch_size={v.batch_size}",
+        f"trainer={device}",
+        "trainer.val_every_n_steps=0",
+        "trainer.log_every_n_steps=10",
+        "loss.lpips_weight=0",  # LPIPS-VGG costs 10x a CPU step; on a GPU, drop this override
+        "loss.gan_weight=0",
+        "optim.warmup_steps=50",
+        f"tokenizer.preprocess.image_size={v.image_size}",
+    ]
+    visual, text = stages / "tokenizer_visual", stages / "tokenizer_text"
+    if not done(visual / "tokenizer"):
+        say(
+            f"1/5 tokenizer stage 'visual' ({v.visual_steps} steps) — teacher: built-in RANDOM vision network"
+        )
+        train(
+            compose(
+                "train_tokenizer",
+                [*common, "stage=visual", f"trainer.max_steps={v.visual_steps}", f"run_dir={visual}"],
+            )
+        )
+    else:
+        say(f"1/5 tokenizer stage 'visual': reusing {visual}")
+    if not done(text / "tokenizer"):
+        say(f"2/5 tokenizer stage 'text' ({v.text_steps} steps) — text encoder: built-in RANDOM bag-of-words")
+        overrides = [
+            *common,
+            "stage=text",
+            f"init_from={visual / 'tokenizer'}",
+            f"trainer.max_steps={v.text_steps}",
+        ]
+        train(compose("train_tokenizer", [*overrides, f"run_dir={text}"]))
+    else:
+        say(f"2/5 tokenizer stage 'text': reusing {text}")
+    return text / "tokenizer"
+
+
+def encode(v: Variant, tokenizer: Path, stages: Path, device: str) -> list[Path]:
+    from tools.encode_dataset import encode as encode_run
+
+    shards = []
+    for name, seed, num in (("train", 0, v.num_train), ("val", 1, v.num_eval)):
+        out = stages / f"shard_{name}"
+        shards.append(out)
+        if (out / "index.jsonl").is_file():
+            say(f"3/5 code shard '{name}': reusing {out}")
+            continue
+        say(f"3/5 encoding {num} {name} phantoms into {out}")
+        overrides = [
+            f"tokenizer.checkpoint={tokenizer}",
+            "data=phantoms",
+            f"data.num_train={num}",
+            f"data.seed={seed}",
+            f"split={name}",
+            f"out={out}",
+            f"trainer={device}",
+        ]
+        encode_run(compose("encode_dataset", overrides))
+    return shards
+
+
+def train_lm(v: Variant, tokenizer: Path, shards: list[Path], stages: Path, device: str) -> Path:
+    from tools.train_lm import train
+
+    run_dir = stages / "lm"
+    if done(run_dir / "model"):
+        say(f"4/5 LM: reusing {run_dir / 'model'}")
+        return run_dir / "model"
+    say(f"4/5 LM '{v.lm}' on both directions (image→report, prompt→image) + VQA ({v.lm_steps} steps)")
+    overrides = [
+        f"lm={v.lm}",
+        f"tokenizer.checkpoint={tokenizer}",
+        f"data.shard_dirs=[{','.join(str(s) for s in shards)}]",
+        f"data.batch_size={v.lm_batch_size}",
+        f"trainer={device}",
+        f"trainer.max_steps={v.lm_steps}",
+        "trainer.val_every_n_steps=0",
+        f"run_dir={run_dir}",
+    ]
+    return train(compose("train_lm", overrides))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--fast", action="store_true", help="tiny models, ~3 minutes (CI smoke run)")
+    parser.add_argument("--fresh", action="store_true", help="retrain every stage instead of reusing it")
+    parser.add_argument("--outputs", default="outputs", help="folder for stage outputs and run reports")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    import torch
+
+    from tools.quickstart_report import evaluate_and_report
+
+    variant_name = "fast" if args.fast else "full"
+    v = VARIANTS[variant_name]
+    outputs = Path(args.outputs)
+    stages = outputs / f"quickstart-{variant_name}"
+    if args.fresh and stages.exists():
+        shutil.rmtree(stages)
+    run_dir = outputs / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    say(f"MedTok-LM quickstart ({variant_name}) on {device.upper()}; stages in {stages}, report in {run_dir}")
+
+    tokenizer = train_tokenizer(v, stages, device)
+    shards = encode(v, tokenizer, stages, device)
+    model = train_lm(v, tokenizer, shards, stages, device)
+    say("5/5 evaluation: reconstruction, prompt → image, image → report, VQA")
+    summary = evaluate_and_report(model, v, run_dir, stages, seconds=time.perf_counter() - start)
+    say(f"done in {(time.perf_counter() - start) / 60:.1f} min — open {summary}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
