@@ -1,6 +1,6 @@
 """MedTok image tokenizer: medical images <-> K sub-codebook token grids.
 
-    from tokenizer import create_tokenizer, load_tokenizer, tokenize_image, detokenize
+from tokenizer import create_tokenizer, load_tokenizer, tokenize_image, detokenize
 """
 
 from tokenizer.api import create_tokenizer, detokenize, tokenize_image

@@ -120,7 +120,9 @@ def _check_batch(batch: torch.Tensor, tokenizer: ImageTokenizer) -> torch.Tensor
     cfg = tokenizer.config.preprocess
     expected = (cfg.channels, cfg.image_size, cfg.image_size)
     if tuple(batch.shape[1:]) != expected:
-        raise InputError(f"image batch: expected (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(batch.shape)}")
+        raise InputError(
+            f"image batch: expected (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(batch.shape)}"
+        )
     if not torch.isfinite(batch).all():
         raise InputError("image batch: contains NaN or Inf values")
     return batch.float()

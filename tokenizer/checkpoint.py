@@ -39,7 +39,12 @@ def save_tokenizer(model: ImageTokenizer, directory: str | os.PathLike, *, extra
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, **model.config.to_dict(), "extra": extra or {}}
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **model.config.to_dict(),
+        "extra": extra or {},
+    }
     atomic_write_bytes(directory / CONFIG_NAME, json.dumps(config, indent=2).encode())
     return directory
 

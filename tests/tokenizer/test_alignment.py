@@ -64,9 +64,7 @@ def test_bad_config_names_the_field(make, field):
 
 def test_configs_compose_as_structured_configs_and_round_trip():
     base = OmegaConf.structured(AlignmentConfig)
-    merged = OmegaConf.merge(
-        base, {"stage": "text", "text_encoder": {"kind": "hf", "name": "x"}}
-    )
+    merged = OmegaConf.merge(base, {"stage": "text", "text_encoder": {"kind": "hf", "name": "x"}})
     cfg = OmegaConf.to_object(merged)
     assert cfg.effective_weight == 1.0 and cfg.text_encoder.name == "x"
     with pytest.raises(Exception, match="typo"):
