@@ -645,7 +645,7 @@ def _nonconstant(volume: np.ndarray, axis: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Configuration and the Lightning data module.
 
-DATA_KINDS = ("phantoms", "folder", "manifest", "volume")
+DATA_KINDS = ("phantoms", "folder", "manifest", "volume", "stream")
 
 
 @dataclass
@@ -653,11 +653,13 @@ class DataConfig:
     """Where training / validation / prediction images come from and how they are batched."""
 
     kind: str = "phantoms"
-    """"phantoms" (generated, no files), "folder", "manifest" or "volume"."""
+    """"phantoms" (generated, no files), "folder", "manifest", "volume" or "stream" (LitData shards
+    written by ``tools/make_stream.py``, see :mod:`tokenizer.data.streaming`)."""
     path: str | None = None
-    """Manifest file (manifest), image folder (folder), or volume folder / file (volume)."""
+    """Manifest file (manifest), image folder (folder), volume folder / file (volume), or stream
+    folder / object-store URL (stream)."""
     val_path: str | None = None
-    """folder / volume kinds: a separate validation folder or file (None: no validation)."""
+    """folder / volume / stream kinds: a separate validation source (None: no validation)."""
     train_split: str = "train"
     """manifest: the split used for training."""
     val_split: str | None = "val"
@@ -687,7 +689,7 @@ class DataConfig:
     num_val: int = 64
     """phantoms: validation images."""
     seed: int = 0
-    """phantoms: seed of the training set (validation uses seed + 1)."""
+    """phantoms: seed of the training set (validation uses seed + 1); stream: shuffle and augmentation seed."""
     modalities: list[str] | None = None
     """phantoms: looks to generate (None: all)."""
 
@@ -742,6 +744,12 @@ def build_dataset(data: DataConfig, preprocess: PreprocessConfig, role: str) -> 
     path = data.val_path if role == "val" else data.path
     if path is None:
         return None
+    if data.kind == "stream":
+        from tokenizer.data.streaming import StreamingImageDataset
+
+        return StreamingImageDataset(
+            path, preprocess, shuffle=train, seed=data.seed, train=train, augment=data.augment
+        )
     if data.kind == "folder":
         return FolderDataset(path, preprocess, train=train, modality=data.modality, augment=data.augment)
     return VolumeSliceDataset(
@@ -783,6 +791,15 @@ def _define_datamodule() -> type:
             dataset = self.datasets[role]
             if dataset is None:
                 return []
+            if self.data.kind == "stream":  # Lightning saves this loader's position in checkpoints
+                from tokenizer.data.streaming import stream_loader
+
+                return stream_loader(
+                    dataset,
+                    batch_size=self.data.batch_size,
+                    num_workers=self.data.num_workers,
+                    pin_memory=torch.cuda.is_available(),
+                )
             shape = (self.preprocess.channels, self.preprocess.image_size, self.preprocess.image_size)
             train = role == "train"
             return torch.utils.data.DataLoader(
