@@ -16,7 +16,12 @@ SECTIONS = (
 def evaluate_and_report(model_dir: Path, variant, run_dir: Path, stages: Path, seconds: float) -> Path:
     """Run the three evaluations into ``run_dir/<section>/`` and write ``run_dir/summary.md``."""
     import lm
-    from lm.evaluation import GenerationEvalConfig, UnderstandingEvalConfig, evaluate_generation, evaluate_understanding
+    from lm.evaluation import (
+        GenerationEvalConfig,
+        UnderstandingEvalConfig,
+        evaluate_generation,
+        evaluate_understanding,
+    )
     from tokenizer.data.phantoms import PhantomDataset
     from tokenizer.evaluation import LPIPSConfig, evaluate_reconstruction, write_report
     from tools.eval_generation import write_report as write_generation
@@ -26,10 +31,14 @@ def evaluate_and_report(model_dir: Path, variant, run_dir: Path, stages: Path, s
     tok = model.image_tokenizer
     pre = tok.config.preprocess
     held_out = PhantomDataset(variant.num_eval * 4, seed=1, size=pre.image_size, channels=pre.channels)
-    recon = evaluate_reconstruction(tok, held_out, batch_size=32, lpips=LPIPSConfig(enabled=False), kid_subsets=10)
+    recon = evaluate_reconstruction(
+        tok, held_out, batch_size=32, lpips=LPIPSConfig(enabled=False), kid_subsets=10
+    )
     write_report(recon, run_dir / "reconstruction", "uv run python -m tools.quickstart (stage 5)")
 
-    gen = evaluate_generation(model, GenerationEvalConfig(num_prompts=variant.num_eval, cfg_scales=[1.0, 3.0]))
+    gen = evaluate_generation(
+        model, GenerationEvalConfig(num_prompts=variant.num_eval, cfg_scales=[1.0, 3.0])
+    )
     write_generation(gen, run_dir / "generation", "uv run python -m tools.quickstart (stage 5)")
     und = evaluate_understanding(model, UnderstandingEvalConfig(num_images=variant.num_eval))
     write_understanding(und, run_dir / "understanding", "uv run python -m tools.quickstart (stage 5)")
