@@ -29,6 +29,7 @@ Conventions (also written into every report):
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import textwrap
 import time
@@ -794,3 +795,16 @@ def save_figure(
     path = Path(path)
     fig.savefig(path)
     return path
+
+
+def write_outputs(
+    out_dir: str | Path, data: dict, markdown: str, samples: list[dict], samples_name: str
+) -> Path:
+    """Write ``metrics.json``, ``metrics.md`` and the per-item ``samples_name`` (JSONL) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    (out / "metrics.md").write_text(markdown)
+    with open(out / samples_name, "w") as f:
+        f.writelines(json.dumps(sample) + "\n" for sample in samples)
+    return out

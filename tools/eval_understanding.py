@@ -16,7 +16,6 @@ their generated reports above and the references below) to ``out``. The measurin
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shlex
 import sys
@@ -123,15 +122,10 @@ def _notes(data: dict) -> list[str]:
 
 def write_report(results, out_dir: str | Path, command: str) -> Path:
     """Write ``metrics.json``, ``metrics.md``, ``reports.jsonl`` and ``reports.png``; returns ``out_dir``."""
-    from lm.evaluation import save_figure
+    from lm.evaluation import save_figure, write_outputs
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data = {"command": command, **results.to_dict()}
-    (out / "metrics.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    (out / "metrics.md").write_text(markdown_report(data))
-    with open(out / "reports.jsonl", "w") as f:
-        f.writelines(json.dumps(sample) + "\n" for sample in results.samples)
+    out = write_outputs(out_dir, data, markdown_report(data), results.samples, "reports.jsonl")
     grid = results.grid
     titles = [f"generated: {r}" for r in grid["reports"]]
     footers = [f"reference: {c}" for c in grid["captions"]]

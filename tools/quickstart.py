@@ -1,7 +1,7 @@
 """The main job: the whole pipeline on built-in phantom data, on a CPU, in minutes.
 
-    uv run python -m tools.quickstart            # ≈ 10 min on 2 CPU cores; CUDA when present
-    uv run python -m tools.quickstart --fast     # ≈ 3 min smoke run (tiny models)
+    uv run python -m tools.quickstart            # 21 min on 2 idle CPU cores (measured); CUDA when present
+    uv run python -m tools.quickstart --fast     # under 2 min smoke run (tiny models)
 
 Stages: phantoms → tokenizer stage ``visual`` → stage ``text`` → code shards → LM → evaluation. Stage
 outputs go to ``outputs/quickstart-<variant>/`` and are reused by the next run (``--fresh`` retrains);
@@ -134,6 +134,8 @@ def train_lm(v: Variant, tokenizer: Path, shards: list[Path], stages: Path, devi
         f"tokenizer.checkpoint={tokenizer}",
         f"data.shard_dirs=[{','.join(str(s) for s in shards)}]",
         f"data.batch_size={v.lm_batch_size}",
+        # Each phantom has ~9 VQA pairs but one caption: weight captions up so prompt → image gets its share.
+        "data.mix={caption:4.0,vqa:0.5,records:0.0}",
         f"trainer={device}",
         f"trainer.max_steps={v.lm_steps}",
         "trainer.val_every_n_steps=0",
