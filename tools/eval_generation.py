@@ -15,26 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shlex
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from tools.schemas import EvalGenerationRun, register
+from tools.schemas import EvalGenerationRun, command_line, register
 
 log = logging.getLogger(__name__)
 register()
 
 RUN_SUBDIR = ".eval"
 """Folder inside ``out`` for Hydra's logs and the resolved config."""
-
-
-def command_line(argv: list[str] | None = None) -> str:
-    """The command that reproduces this run (``python -m tools.eval_generation`` + the overrides)."""
-    args = sys.argv[1:] if argv is None else argv
-    return shlex.join(["python", "-m", "tools.eval_generation", *args])
 
 
 def _pct(value: float | None) -> str:
@@ -150,7 +142,7 @@ def evaluate(run: EvalGenerationRun, command: str | None = None) -> Path:
         task = bar.add_task("images", total=total)
         results = evaluate_generation(model, run, device=run.device, progress=lambda n: bar.advance(task, n))
     results.settings["model"] = str(run.model)
-    command = command or command_line()
+    command = command or command_line("tools.eval_generation")
     write_report(results, out, command)
     print((out / "metrics.md").read_text())
     print(f"report written to {out}")

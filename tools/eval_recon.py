@@ -17,26 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shlex
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from tools.schemas import EvalReconRun, register
+from tools.schemas import EvalReconRun, command_line, register
 
 log = logging.getLogger(__name__)
 register()
 
 RUN_SUBDIR = ".eval"
 """Folder inside ``out`` for Hydra's logs and the resolved config."""
-
-
-def command_line(argv: list[str] | None = None) -> str:
-    """The command that reproduces this run (``python -m tools.eval_recon`` + the overrides)."""
-    args = sys.argv[1:] if argv is None else argv
-    return shlex.join(["python", "-m", "tools.eval_recon", *args])
 
 
 def select_dataset(run: EvalReconRun, preprocess):
@@ -90,7 +82,7 @@ def evaluate(run: EvalReconRun, command: str | None = None) -> Path:
         )
     results.settings["checkpoint"] = str(run.tokenizer.checkpoint)
     results.settings["data"] = dataclasses.asdict(run.data)
-    command = command or command_line()
+    command = command or command_line("tools.eval_recon")
     write_report(results, out, command)
     print(markdown_report(results, command))
     print(f"report written to {out}")

@@ -224,3 +224,11 @@ def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> ob
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = hydra_compose(config_name, overrides=list(overrides))
     return OmegaConf.to_object(cfg)
+
+
+def command_line(module: str, argv: list[str] | None = None) -> str:
+    """The command that reproduces this run: ``python -m <module>`` + its overrides (default: ``sys.argv``)."""
+    import shlex
+    import sys
+
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])

@@ -13,7 +13,7 @@ import lm
 from tokenizer.alignment import TextEncoderConfig
 from tokenizer.api import create_tokenizer
 from tools import eval_generation, eval_understanding
-from tools.schemas import EvalGenerationRun, EvalUnderstandingRun, compose
+from tools.schemas import EvalGenerationRun, EvalUnderstandingRun, command_line, compose
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_eval_generation_end_to_end(saved, tmp_path):
     out = tmp_path / "gen"
     overrides = [f"model={saved}", f"out={out}", "num_prompts=4", "cfg_scales=[1.0,3.0]", "kid_subsets=3",
                  "num_grid=2", "progress_bar=false"]  # fmt: skip
-    command = eval_generation.command_line(overrides)
+    command = command_line("tools.eval_generation", overrides)
     eval_generation.evaluate(compose("eval_generation", overrides), command)
     data = json.loads((out / "metrics.json").read_text())
     assert data["command"] == command and command.startswith("python -m tools.eval_generation ")
@@ -77,7 +77,7 @@ def test_eval_understanding_end_to_end(saved, tmp_path):
     out = tmp_path / "und"
     overrides = [f"model={saved}", f"out={out}", "num_images=3", "max_new_tokens=12", "vqa_max_new_tokens=4",
                  "max_questions=3", "num_grid=2", "progress_bar=false"]  # fmt: skip
-    command = eval_understanding.command_line(overrides)
+    command = command_line("tools.eval_understanding", overrides)
     eval_understanding.evaluate(compose("eval_understanding", overrides), command)
     data = json.loads((out / "metrics.json").read_text())
     assert data["command"] == command and data["num_images"] == 3

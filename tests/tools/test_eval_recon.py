@@ -16,8 +16,8 @@ from tokenizer.api import create_tokenizer
 from tokenizer.checkpoint import load_tokenizer, save_tokenizer
 from tokenizer.data.phantoms import PhantomDataset
 from tokenizer.metrics import psnr
-from tools.eval_recon import command_line, evaluate
-from tools.schemas import EvalReconRun
+from tools.eval_recon import evaluate
+from tools.schemas import EvalReconRun, command_line
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,7 +57,7 @@ def test_config_composes_and_checks_keys(checkpoint, tmp_path):
 def test_phantom_benchmark_end_to_end(checkpoint, tmp_path):
     out = tmp_path / "eval"
     overrides = [f"tokenizer.checkpoint={checkpoint}", "data.num_val=16", "data.batch_size=6", f"out={out}"]
-    command = command_line(overrides)
+    command = command_line("tools.eval_recon", overrides)
     evaluate(make_run(*overrides), command)
     data = json.loads((out / "metrics.json").read_text())
     assert data["command"] == command and command.startswith("python -m tools.eval_recon ")
