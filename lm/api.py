@@ -22,7 +22,6 @@ import functools
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,7 +43,8 @@ from lm.sequence import prompt_tokens
 from lm.text_tokenizer import TextTokenizer
 from lm.vocab import Vocab
 from tokenizer.api import detokenize, tokenize_image
-from tokenizer.checkpoint import atomic_write_bytes, check_state, load_tokenizer, save_tokenizer
+from tokenizer.atomic import atomic_write, atomic_write_bytes
+from tokenizer.checkpoint import check_state, load_tokenizer, save_tokenizer
 from tokenizer.errors import InputError
 from tokenizer.model import ImageTokenizer
 
@@ -120,7 +120,7 @@ class UnifiedModel(nn.Module):
             _save_hf_architecture(self.lm, directory / HF_DIR)
             lm_dict["hf_backbone"] = HF_DIR  # relative: resolved against the directory at load
         state = {k: v.detach().cpu().contiguous() for k, v in self.lm.state_dict().items()}
-        _atomic_save_file(state, directory / WEIGHTS_NAME)
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
         self.text_tokenizer.save(directory / TEXT_DIR)
         save_tokenizer(self.image_tokenizer, directory / IMAGE_DIR)
         config = {
@@ -149,22 +149,11 @@ def check_parts(vocab: Vocab, text_tokenizer: TextTokenizer, image_tokenizer: Im
         raise InputError(f"{where}: text tokenizer: {e}") from None
 
 
-def _atomic_save_file(state: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": FORMAT})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_hf_architecture(lm: DecoderLM, directory: Path) -> None:
     """The Hugging Face config plus a tensor-free weights file: enough to rebuild the module offline."""
     directory.mkdir(parents=True, exist_ok=True)
     lm.backbone.hf_config.save_pretrained(str(directory))
-    _atomic_save_file({}, directory / "model.safetensors")
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file({}, tmp, metadata={"format": FORMAT}))
 
 
 @contextlib.contextmanager

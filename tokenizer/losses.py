@@ -49,10 +49,6 @@ class LossConfig:
     """Lower clamp of the gradient-norm ratio."""
     adaptive_weight_max: float = 1e4
     """Upper clamp of the gradient-norm ratio."""
-    visual_align_weight: float = 0.1
-    """Lambda of the contrastive loss against the vision teacher (stage ``visual``)."""
-    text_align_weight: float = 1.0
-    """Lambda of the contrastive loss against the text encoder (stage ``text``)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -61,8 +57,6 @@ class LossConfig:
             "lpips_weight",
             "vq_weight",
             "gan_weight",
-            "visual_align_weight",
-            "text_align_weight",
         ):
             if getattr(self, name) < 0:
                 raise InputError(f"LossConfig.{name}: expected >= 0, got {getattr(self, name)}")

@@ -152,7 +152,6 @@ def test_loss_config_defaults_and_validation():
     cfg = LossConfig()
     assert (cfg.l1_weight, cfg.l2_weight, cfg.lpips_weight, cfg.vq_weight) == (0.2, 1.0, 1.0, 1.0)
     assert (cfg.gan_weight, cfg.adaptive_weight_min, cfg.adaptive_weight_max) == (0.4, 0.015, 1e4)
-    assert (cfg.visual_align_weight, cfg.text_align_weight) == (0.1, 1.0)
     with pytest.raises(InputError, match="l1_weight"):
         LossConfig(l1_weight=-1)
     with pytest.raises(InputError, match="adaptive_weight_min"):
