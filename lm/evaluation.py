@@ -70,7 +70,7 @@ from tokenizer.data.phantoms import (
 )
 from tokenizer.encode import PHANTOM_QA_STREAM
 from tokenizer.errors import InputError
-from tokenizer.evaluation import RELIABLE_FID_IMAGES, _build_features, _finite, resolve_device
+from tokenizer.evaluation import RELIABLE_FID_IMAGES, build_features, finite_json, resolve_device
 from tokenizer.metrics import FeatureExtractorConfig, FIDAccumulator
 from tokenizer.shards import CodeShard
 
@@ -350,7 +350,7 @@ class GenerationResults:
     """captions (n,), "real" (n, C, H, W) and per scale (n, C, H, W) images in [-1, 1] on the CPU."""
 
     def to_dict(self) -> dict[str, Any]:
-        return _finite(
+        return finite_json(
             {
                 "settings": self.settings,
                 "reference": self.reference,
@@ -481,7 +481,7 @@ def evaluate_generation(
     device = resolve_device(device)
     model.to(device).eval()
     items = held_out_items(model, cfg, cfg.num_prompts)
-    feature_net = _build_features(cfg.features).to(device)
+    feature_net = build_features(cfg.features).to(device)
     runs, reference = [_ScaleRun(float(s), cfg) for s in cfg.cfg_scales], _RealReference()
     samples: list[dict[str, Any]] = []
     grid: dict[str, Any] = {"captions": [], "real": []}
@@ -543,7 +543,7 @@ class UnderstandingResults:
     """"images" (n, C, H, W) in [-1, 1] on the CPU, "reports" and "captions" (n,)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return _finite(
+        return finite_json(
             {
                 "settings": self.settings,
                 "num_images": len(self.samples),

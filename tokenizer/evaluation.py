@@ -129,7 +129,7 @@ class ReconResults:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (no image tensors); non-finite numbers become None."""
-        return _finite(
+        return finite_json(
             {
                 "settings": self.settings,
                 "num_images": self.overall.n,
@@ -141,13 +141,14 @@ class ReconResults:
         )
 
 
-def _finite(obj: Any) -> Any:
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±Inf) replaced by None, recursively: valid JSON."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj
 
 
@@ -356,7 +357,7 @@ def evaluate_reconstruction(
     truth = dataset.phantom if phantoms else None
     run = _Evaluation(
         tokenizer,
-        _build_features(features).to(device),
+        build_features(features).to(device),
         lpips_net.to(device) if lpips_net is not None else None,
         truth,
         bf16,
@@ -394,7 +395,8 @@ def evaluate_reconstruction(
     return run.results(kid_subsets, time.perf_counter() - start, device)
 
 
-def _build_features(features: FeatureExtractorConfig | FeatureExtractor | None) -> FeatureExtractor:
+def build_features(features: FeatureExtractorConfig | FeatureExtractor | None) -> FeatureExtractor:
+    """A built feature network as it is, or one built from its config (None: the random one), in eval mode."""
     if isinstance(features, FeatureExtractor):
         return features.eval()
     return build_feature_extractor(features or FeatureExtractorConfig())
