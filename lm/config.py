@@ -37,6 +37,9 @@ class LMConfig:
     """Longest sequence (prompt + generation) the RoPE tables and caches are built for."""
     depth_layers: int = 1
     """Transformer blocks of the image depth head (1-3) that predicts the K sub-codes of a position."""
+    depth_dim: int | None = None
+    """Width of the depth head (a multiple of the head dim); None = ``dim``. A narrower head makes each
+    of the K sub-code steps of generation cheaper; its inputs are projected from ``dim``."""
     dropout: float = 0.0
     """Dropout on attention probabilities and residual branches (training only)."""
     attn_backend: str = "sdpa"
@@ -70,6 +73,13 @@ class LMConfig:
             )
         if not 1 <= self.depth_layers <= 3:
             raise InputError(f"LMConfig.depth_layers: expected 1..3, got {self.depth_layers}")
+        if self.depth_dim is not None and (
+            not isinstance(self.depth_dim, int) or self.depth_dim < 1 or self.depth_dim % self.head_dim
+        ):
+            raise InputError(
+                f"LMConfig.depth_dim: expected None or a positive multiple of the head dim {self.head_dim}, "
+                f"got {self.depth_dim!r}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise InputError(f"LMConfig.dropout: expected [0, 1), got {self.dropout}")
         if self.attn_backend not in ATTN_BACKENDS:
@@ -90,6 +100,13 @@ class LMConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    def depth_config(self) -> LMConfig:
+        """The config of the depth head's blocks: ``depth_dim`` wide, plain multi-head attention when narrowed."""
+        if self.depth_dim is None or self.depth_dim == self.dim:
+            return self
+        heads = self.depth_dim // self.head_dim
+        return replace(self, dim=self.depth_dim, n_heads=heads, n_kv_heads=heads, depth_dim=None)
 
     @property
     def mlp_hidden(self) -> int:

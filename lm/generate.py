@@ -188,10 +188,14 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g
     """Sample one id per row from fp32 logits (N, V) (-inf = forbidden); returns (N,) long."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_k < logits.shape[-1]:  # draw among the k best only: softmax and noise over k, not V
+        values, index = torch.topk(logits, top_k, dim=-1)
+        return index.gather(-1, _draw(values / temperature, top_p, generator)[:, None])[:, 0]
+    return _draw(logits / temperature, top_p, generator)
+
+
+def _draw(logits: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+    """Index (N,) drawn from softmax(logits) (N, V), restricted to the nucleus of mass ``top_p``."""
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)

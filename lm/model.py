@@ -266,10 +266,14 @@ class DepthHead(nn.Module):
     def __init__(self, config: LMConfig, num_codebooks: int, codebook_size: int) -> None:
         super().__init__()
         self.num_codebooks, self.codebook_size = num_codebooks, codebook_size
-        self.step_embed = nn.Parameter(torch.randn(num_codebooks, config.dim) * config.init_std)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth_layers))
-        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.head = nn.Parameter(torch.randn(num_codebooks, codebook_size, config.dim) * config.init_std)
+        inner = config.depth_config()
+        # inputs (backbone state, sub-code embeddings) are dim wide; a narrower head projects them first
+        self.proj = nn.Linear(config.dim, inner.dim, bias=False) if inner.dim != config.dim else nn.Identity()
+        self.step_embed = nn.Parameter(torch.randn(num_codebooks, inner.dim) * config.init_std)
+        self.blocks = nn.ModuleList(Block(inner) for _ in range(config.depth_layers))
+        self.norm = nn.RMSNorm(inner.dim, eps=config.norm_eps)
+        self.head = nn.Parameter(torch.randn(num_codebooks, codebook_size, inner.dim) * config.init_std)
+        _init_linear_and_embedding(self.proj, config.init_std, config.init_std)
         _init_linear_and_embedding(
             self.blocks, config.init_std, config.init_std / math.sqrt(2 * config.depth_layers)
         )
@@ -422,13 +426,15 @@ class DecoderLM(nn.Module):
         return self.depth.logits(self.depth.run(self.depth_inputs(hidden, codes)))
 
     def depth_inputs(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Teacher-forcing depth inputs (N, K, D): step 0 = hidden, step k = embedding of sub-code k-1."""
+        """Teacher-forcing depth inputs (N, K, D'): step 0 = hidden, step k = embedding of sub-code k-1,
+        projected to the depth head's width D' and plus the step embeddings."""
         k, v = self.vocab.num_codebooks, self.vocab.codebook_size
         x = hidden.new_zeros(hidden.shape[0], k, hidden.shape[-1])
         x[:, 0] = hidden
         if k > 1:
             offsets = torch.arange(k - 1, device=codes.device) * v
             x[:, 1:] = self.image_embed(codes[:, : k - 1] + offsets)
+        x = self.depth.proj(x)
         return x + self.depth.step_embed.to(x.dtype)
 
     def depth_decode(self, inputs: torch.Tensor, step: int, kv_cache) -> torch.Tensor:
@@ -440,7 +446,8 @@ class DecoderLM(nn.Module):
             step: 0..K-1; steps of one position run in order on the same cache.
             kv_cache: a :class:`lm.generate.DepthCache`, reused for every position.
         """
-        x = (inputs + self.depth.step_embed[step].to(inputs.dtype))[:, None]
+        x = self.depth.proj(inputs)
+        x = (x + self.depth.step_embed[step].to(x.dtype))[:, None]
         kv_cache.step = step
         return self.depth.logits(self.depth.run(x, kv_cache)[:, 0], step)
 

@@ -128,6 +128,9 @@ class TokenizerConfig:
     """CNN only: width of each resolution level, finest first; missing levels repeat the last width."""
     num_res_blocks: int = 2
     """CNN only: residual blocks per resolution level in the encoder (the decoder uses one more)."""
+    patch_size: int = 1
+    """CNN only: space-to-depth stem; the encoder pixel-unshuffles its input by this factor (a power of two
+    dividing ``downsample``) and the decoder pixel-shuffles its output, so no layer runs at full resolution."""
     encoder_name: str = "vitamin_large_256"
     """ViT only: timm model name of the encoder (built with random weights; see model.load_encoder_weights)."""
     decoder_width: int = 1024
@@ -169,7 +172,11 @@ class TokenizerConfig:
             )
         if not self.channels or any(c < 1 for c in self.channels):
             raise InputError(f"{name}.channels: expected positive widths, got {self.channels}")
-        levels = int(math.log2(self.downsample)) + 1
+        if not _is_power_of_two(self.patch_size) or self.downsample % self.patch_size:
+            raise InputError(
+                f"{name}.patch_size: expected a power of two dividing downsample {self.downsample}, got {self.patch_size}"
+            )
+        levels = self.num_levels
         if self.architecture == "cnn" and len(self.channels) > levels:
             raise InputError(
                 f"{name}.channels: downsample {self.downsample} gives {levels} resolution levels, "
@@ -190,6 +197,11 @@ class TokenizerConfig:
             )
         if self.version != CONFIG_VERSION:
             raise InputError(f"{name}.version: this code reads version {CONFIG_VERSION}, got {self.version}")
+
+    @property
+    def num_levels(self) -> int:
+        """CNN only: resolution levels between the stem and the code grid, log2(downsample / patch_size) + 1."""
+        return (self.downsample // self.patch_size).bit_length()
 
     @property
     def grid(self) -> tuple[int, int]:

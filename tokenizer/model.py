@@ -59,8 +59,7 @@ def _num_groups(channels: int) -> int:
 
 def _level_widths(config: TokenizerConfig) -> list[int]:
     """Width of each resolution level, finest first; levels past ``channels`` repeat its last width."""
-    num_levels = config.downsample.bit_length()  # log2(downsample) + 1
-    return [config.channels[min(i, len(config.channels) - 1)] for i in range(num_levels)]
+    return [config.channels[min(i, len(config.channels) - 1)] for i in range(config.num_levels)]
 
 
 class ResBlock(nn.Module):
@@ -103,12 +102,17 @@ class Upsample(nn.Module):
 
 
 class CNNEncoder(nn.Module):
-    """VQGAN-style encoder: (B, C, H, W) -> (B, K*d, H/f, W/f), f = ``downsample``."""
+    """VQGAN-style encoder: (B, C, H, W) -> (B, K*d, H/f, W/f), f = ``downsample``.
+
+    With ``patch_size`` p > 1 the input is first pixel-unshuffled to (B, C*p*p, H/p, W/p).
+    """
 
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__()
         widths = _level_widths(config)
-        self.conv_in = nn.Conv2d(config.preprocess.channels, widths[0], 3, padding=1)
+        self.patch = config.patch_size
+        in_channels = config.preprocess.channels * self.patch**2
+        self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         blocks: list[nn.Module] = []
         width = widths[0]
         for level, level_width in enumerate(widths):
@@ -124,7 +128,7 @@ class CNNEncoder(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(F.pixel_unshuffle(x, self.patch) if self.patch > 1 else x)
         h = _run_blocks(self.blocks, h, self.grad_checkpointing and self.training)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -146,7 +150,8 @@ class CNNDecoder(nn.Module):
                 blocks.append(Upsample(width))
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = nn.GroupNorm(_num_groups(width), width, eps=1e-6)
-        self.conv_out = nn.Conv2d(width, config.preprocess.channels, 3, padding=1)
+        self.patch = config.patch_size
+        self.conv_out = nn.Conv2d(width, config.preprocess.channels * self.patch**2, 3, padding=1)
         self.grad_checkpointing = False
 
     @property
@@ -156,7 +161,8 @@ class CNNDecoder(nn.Module):
     def forward(self, quantized: Tensor) -> Tensor:
         h = self.conv_in(quantized)
         h = _run_blocks(self.blocks, h, self.grad_checkpointing and self.training)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, self.patch) if self.patch > 1 else out
 
 
 def _timm_kwargs(config: TokenizerConfig) -> dict[str, int]:

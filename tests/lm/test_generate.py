@@ -5,6 +5,7 @@ import torch
 
 from lm.config import lm_config
 from lm.generate import (
+    DepthCache,
     KVCache,
     SamplingConfig,
     _generate,
@@ -71,6 +72,26 @@ def test_kv_cache_equals_full_recompute(model):
     for c in cached[1:]:  # and text follows the image in the same batch
         after = c[int((c[:, 0] == VOCAB.eoi).nonzero()[0]) :, 0]
         assert bool(VOCAB.is_text(after).any())
+
+
+def test_narrow_depth_head_generates_and_trains():
+    torch.manual_seed(0)
+    narrow = DecoderLM(lm_config("tiny", depth_dim=16), VOCAB).eval()
+    assert narrow.depth.head.shape == (2, 16, 16) and narrow.depth.proj.weight.shape == (16, 32)
+    sampling = SamplingConfig(**GREEDY, max_new_tokens=16)
+    cached = generate_tokens(narrow, prompts(), sampling, seed=0)
+    recomputed = generate_tokens(narrow, prompts(), sampling, seed=0, use_cache=False)
+    for p, c, r in zip(prompts(), cached, recomputed, strict=True):
+        assert torch.equal(c, r)
+        check_structure(torch.cat([p, c]))
+    hidden, codes = torch.randn(5, 32), torch.randint(0, 16, (5, 2))
+    teacher = narrow.depth_logits(hidden, codes)  # the training path agrees with step-by-step decoding
+    cache = DepthCache(narrow, 5)
+    step0 = narrow.depth_decode(hidden, 0, cache)
+    step1 = narrow.depth_decode(narrow.subcode_embedding(codes[:, 0], 0), 1, cache)
+    torch.testing.assert_close(torch.stack([step0, step1], 1), teacher, atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="depth_dim"):
+        lm_config("tiny", depth_dim=12)  # not a multiple of the head dim 8
 
 
 def test_cache_bookkeeping(model):

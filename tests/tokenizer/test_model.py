@@ -130,6 +130,8 @@ def test_create_config_overrides():
         ({"embed_dim": 0}, "embed_dim"),
         ({"decoder_width": 30, "decoder_heads": 4}, "decoder_width"),
         ({"version": 99}, "version"),
+        ({"patch_size": 3}, "patch_size"),
+        ({"patch_size": 8}, "patch_size"),
     ],
 )
 def test_tokenizer_config_validation(overrides, message):
@@ -161,6 +163,7 @@ def test_tiny_shapes_and_dtypes(tiny):
     "overrides",
     [
         {},
+        {"patch_size": 2, "channels": (16,)},
         VIT_TINY,
         {"quantizer": {"kind": "fsq", "codebook_size": 15, "fsq_levels": (5, 3), "codebook_dim": 2}},
     ],
@@ -174,7 +177,7 @@ def test_codes_round_trip_contract(overrides):
     with torch.no_grad():
         via_codes = model.decode_codes(codes)
         via_latent = model.decode(model.quantize(model.encode(x)).quantized)
-    assert torch.equal(via_codes, via_latent)
+    assert torch.equal(via_codes, via_latent) and via_codes.shape == x.shape
     assert torch.equal(model.encode_to_codes(x), codes)
     assert torch.equal(model.encode_to_codes(x[1:2]), codes[1:2])  # batch-independent
 
