@@ -170,11 +170,21 @@ def main(argv: list[str] | None = None) -> Path:
     start = time.perf_counter()
     say(f"MedTok-LM quickstart ({variant_name}) on {device.upper()}; stages in {stages}, report in {run_dir}")
 
-    tokenizer = train_tokenizer(v, stages, device)
-    shards = encode(v, tokenizer, stages, device)
-    model = train_lm(v, tokenizer, shards, stages, device)
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn, *args):
+        begin = time.perf_counter()
+        result = fn(*args)
+        timings[name] = time.perf_counter() - begin
+        return result
+
+    tokenizer = timed("tokenizer (stages visual + text)", train_tokenizer, v, stages, device)
+    shards = timed("encoding to code shards", encode, v, tokenizer, stages, device)
+    model = timed("LM", train_lm, v, tokenizer, shards, stages, device)
     say("5/5 evaluation: reconstruction, prompt → image, image → report, VQA")
-    summary = evaluate_and_report(model, v, run_dir, stages, seconds=time.perf_counter() - start)
+    summary = timed("evaluation", evaluate_and_report, model, v, run_dir, stages, timings)
+    for name, seconds in timings.items():
+        print(f"   {name}: {seconds / 60:.1f} min")
     say(f"done in {(time.perf_counter() - start) / 60:.1f} min — open {summary}")
     return summary
 

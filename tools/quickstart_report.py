@@ -13,8 +13,16 @@ SECTIONS = (
 )
 
 
-def evaluate_and_report(model_dir: Path, variant, run_dir: Path, stages: Path, seconds: float) -> Path:
-    """Run the three evaluations into ``run_dir/<section>/`` and write ``run_dir/summary.md``."""
+def evaluate_and_report(
+    model_dir: Path, variant, run_dir: Path, stages: Path, timings: dict[str, float]
+) -> Path:
+    """Run the three evaluations into ``run_dir/<section>/`` and write ``run_dir/summary.md``.
+
+    ``timings``: seconds per earlier stage (a reused stage counts its reuse time), for the summary.
+    """
+    import time
+
+    begin = time.perf_counter()
     import lm
     from lm.evaluation import (
         GenerationEvalConfig,
@@ -42,16 +50,17 @@ def evaluate_and_report(model_dir: Path, variant, run_dir: Path, stages: Path, s
     write_generation(gen, run_dir / "generation", "uv run python -m tools.quickstart (stage 5)")
     und = evaluate_understanding(model, UnderstandingEvalConfig(num_images=variant.num_eval))
     write_understanding(und, run_dir / "understanding", "uv run python -m tools.quickstart (stage 5)")
-    return write_summary(run_dir, stages, variant, seconds)
+    return write_summary(run_dir, stages, variant, {**timings, "evaluation": time.perf_counter() - begin})
 
 
-def write_summary(run_dir: Path, stages: Path, variant, seconds: float) -> Path:
+def write_summary(run_dir: Path, stages: Path, variant, timings: dict[str, float]) -> Path:
     """``summary.md``: each section's table and pictures, and where the trained models are."""
+    per_stage = ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in timings.items())
     lines = [
         "# MedTok-LM quickstart",
         "",
         f"Variant: tokenizer `{variant.tokenizer}` at {variant.image_size}², LM `{variant.lm}`; "
-        f"{variant.num_train} training phantoms; {seconds / 60:.1f} min in all.",
+        f"{variant.num_train} training phantoms; {sum(timings.values()) / 60:.1f} min in all ({per_stage} min).",
         "The vision teacher and the text encoder were the built-in **random** networks: alignment here shows",
         "the mechanics, not pretrained semantics. Trained models:",
         f"`{stages / 'tokenizer_text' / 'tokenizer'}` (image tokenizer), `{stages / 'lm' / 'model'}` (LM).",
