@@ -306,7 +306,10 @@ def load_model(directory: str | os.PathLike, device: str | torch.device | None =
         vocab = Vocab.from_dict(raw["vocab"])
         lm_dict = dict(raw["lm"])
         if lm_dict.get("hf_backbone") is not None:
-            lm_dict["hf_backbone"] = str(directory / lm_dict["hf_backbone"])
+            inside = Path(lm_dict["hf_backbone"])
+            if inside.is_absolute() or ".." in inside.parts:  # save_pretrained writes "hf_backbone"
+                raise ValueError(f"lm.hf_backbone must name a folder inside {directory}, got {str(inside)!r}")
+            lm_dict["hf_backbone"] = str(directory / inside)
         config = LMConfig.from_dict(lm_dict)
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"{path}: {e}") from None

@@ -235,6 +235,8 @@ class LMDataset(IterableDataset):
         self.resolver = ShardResolver(shards)
         self.items = self._items(split)
         self.epoch, self.rank, self.world_size = 0, 0, 1
+        self.start_batch = 0
+        """Batches of the epoch to skip (trained on before a resume); set by :class:`EpochDataLoader`."""
 
     def _items(self, split: str) -> dict[str, np.ndarray]:
         """Per task, an (n, 3) int64 array of (source, index, sub-index)."""
@@ -344,7 +346,7 @@ class LMDataset(IterableDataset):
         wid, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         plan, bs = self.plan(), self.config.batch_size
         total, seen = Counter(), 0
-        for b in range(wid, math.ceil(len(plan) / bs), num_workers):
+        for b in range(self.start_batch + wid, math.ceil(len(plan) / bs), num_workers):
             skipped = Counter()
             seqs = [self._replaceable(plan, p, skipped) for p in range(b * bs, min((b + 1) * bs, len(plan)))]
             batch = pack(seqs, self.config.max_len, self.vocab.pad, pad_to_max=self.config.pad_to_max)
@@ -370,13 +372,26 @@ class EpochDataLoader(DataLoader):
     """A DataLoader that tells its :class:`LMDataset` the epoch and rank before every pass.
 
     ``epoch_fn`` gives the epoch (e.g. the trainer's); without it passes are counted from 0. Workers are
-    started afresh each pass (no persistent workers) so they see the new epoch.
+    started afresh each pass (no persistent workers) so they see the new epoch. The position (epoch, batches
+    yielded) is ``state_dict()``, which Lightning keeps in checkpoints: a resumed pass of the same epoch skips
+    the batches already trained on, so a run killed mid-epoch continues exactly where it stopped.
     """
 
     def __init__(self, dataset: LMDataset, *, epoch_fn=None, **kwargs) -> None:
+        # a private generator: starting a pass must not draw from the global one that the model uses
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self.epoch_fn = epoch_fn
-        self._passes = 0
+        self._passes, self._epoch, self._done = 0, 0, 0
+        self._restored: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch of the current pass and the batches it has yielded."""
+        return {"epoch": self._epoch, "batches": self._done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """The next pass, if it is of the same epoch, skips the batches already yielded."""
+        self._restored = (int(state["epoch"]), int(state["batches"]))
 
     def _sync_rank(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -391,7 +406,13 @@ class EpochDataLoader(DataLoader):
         self._passes += 1
         self.dataset.set_epoch(epoch)
         self._sync_rank()
-        return super().__iter__()
+        restored, self._restored = self._restored, None
+        start = min(restored[1], len(self)) if restored is not None and restored[0] == epoch else 0
+        self.dataset.start_batch = start
+        self._epoch, self._done = epoch, start
+        for batch in super().__iter__():
+            self._done += 1
+            yield batch
 
 
 def build_vocab(text_tokenizer: TextTokenizer, shards: list[CodeShard], vocab: Vocab | None = None) -> Vocab:

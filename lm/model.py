@@ -223,7 +223,11 @@ class HFBackbone(nn.Module):
         if not path.is_dir():
             raise InputError(f"LMConfig.hf_backbone: {path} is not a local model directory")
         full = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=torch.float32, attn_implementation="sdpa"
+            path,
+            local_files_only=True,
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+            trust_remote_code=False,
         )
         self.hf = full.get_decoder()
         self.dim = int(full.config.hidden_size)

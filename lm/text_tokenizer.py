@@ -40,6 +40,8 @@ class TextTokenizer:
         """
         from transformers import AutoTokenizer
 
+        # a tokenizer_config.json naming Python code is refused, never run (and never asked about)
+        kwargs["trust_remote_code"] = False
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir), **kwargs)
         except (OSError, ValueError) as e:

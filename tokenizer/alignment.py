@@ -418,13 +418,14 @@ class _HFText(TextEncoder):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         source = cfg.name if cfg.pretrained in (None, "hub") else cfg.pretrained
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        code = {"trust_remote_code": False}  # configs naming Python code are refused, never run (no prompt)
+        tokenizer = AutoTokenizer.from_pretrained(source, **code)
         if cfg.pretrained is None:
             with _seeded(cfg.seed):
-                model = AutoModel.from_config(AutoConfig.from_pretrained(source))
+                model = AutoModel.from_config(AutoConfig.from_pretrained(source, **code), **code)
             desc = f"hf {cfg.name} ({cfg.pooling} pooling), RANDOM weights (seed {cfg.seed})"
         else:
-            model = AutoModel.from_pretrained(source, use_safetensors=True)
+            model = AutoModel.from_pretrained(source, use_safetensors=True, **code)
             desc = f"hf {source} ({cfg.pooling} pooling)"
         limits = [cfg.context_length, getattr(model.config, "max_position_embeddings", None)]
         limits.append(tokenizer.model_max_length if tokenizer.model_max_length < 10**6 else None)

@@ -44,6 +44,10 @@ def _to_input(
         image = np.asarray(image)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
+        if image.is_complex():
+            raise InputError(f"image: expected a real-valued tensor, got {image.dtype}")
+        if image.is_floating_point() and image.dtype not in (torch.float16, torch.float32, torch.float64):
+            image = image.float()  # bfloat16 / float8: numpy has no such type
         if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
             image = image.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
         image = image.numpy()
@@ -123,9 +127,17 @@ def _check_batch(batch: torch.Tensor, tokenizer: ImageTokenizer) -> torch.Tensor
         raise InputError(
             f"image batch: expected (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(batch.shape)}"
         )
+    if batch.is_complex():
+        raise InputError(f"image batch: expected a real-valued tensor, got {batch.dtype}")
+    batch = batch.float()
     if not torch.isfinite(batch).all():
         raise InputError("image batch: contains NaN or Inf values")
-    return batch.float()
+    if batch.numel() and batch.abs().max() > 1.0 + 1e-3:
+        raise InputError(
+            f"image batch: a (B, C, H, W) tensor is network input and must lie in [-1, 1], got "
+            f"[{batch.min():.4g}, {batch.max():.4g}]; pass raw images as a list to preprocess them"
+        )
+    return batch
 
 
 @torch.no_grad()

@@ -74,9 +74,15 @@ class LossConfig:
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise InputError(f"LPIPS weights {path}: file not found")
-    if path.suffix == ".safetensors":
-        return safetensors.torch.load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            return safetensors.torch.load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickle naming any code is refused here, never run
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InputError(
+            f"LPIPS weights {path}: not a plain tensor file ({type(err).__name__}: {first})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise InputError(f"LPIPS weights {path}: expected a flat state dict of tensors")
     return state

@@ -101,11 +101,15 @@ def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: weights file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickle naming any code is refused here, never run
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InputError(f"{path}: not a plain tensor file ({type(err).__name__}: {first})") from None
 
 
 class LPIPSMetric(nn.Module):

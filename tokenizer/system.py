@@ -176,8 +176,10 @@ class TokenizerSystem(L.LightningModule):
         x = batch["image"]
         step = self.global_step
 
+        kept = self._copy_buffers() if self.config.skip_nonfinite else None
         losses, out = self.generator_losses(x, batch.get("caption"), step)
-        if self.config.skip_nonfinite and not torch.isfinite(losses["loss"]):
+        if self.config.skip_nonfinite and not self._all_finite(losses["loss"]):
+            self._restore_buffers(kept)  # the forward pass already moved the codebook EMA: undo it
             self._skip(step, losses)
             return
         opt_g.zero_grad(set_to_none=True)
@@ -242,6 +244,22 @@ class TokenizerSystem(L.LightningModule):
 
     def _gan_active(self, step: int) -> bool:
         return self.config.loss.gan_weight > 0 and step >= self.config.loss.gan_start
+
+    def _copy_buffers(self) -> dict[str, torch.Tensor]:
+        """Copies of what a forward pass changes without an optimizer (codebook EMA, norm statistics)."""
+        return {name: b.detach().clone() for name, b in self.named_buffers()}
+
+    @torch.no_grad()
+    def _restore_buffers(self, kept: dict[str, torch.Tensor]) -> None:
+        for name, b in self.named_buffers():
+            b.copy_(kept[name])
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (all ranks must skip together, or DDP hangs)."""
+        finite = bool(torch.isfinite(loss.detach()))
+        if self._trainer is None:
+            return finite
+        return bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
 
     def _skip(self, step: int, losses: dict) -> None:
         self.skipped_steps += 1

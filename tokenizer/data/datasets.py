@@ -163,7 +163,7 @@ def _parse_row(record: Any, line: int, root: Path, allow_outside_root: bool) -> 
     if not isinstance(image, str) or not image.strip():
         raise InputError(
             "missing 'image' (a non-empty path string)"
-            if image in (None, "")
+            if image is None or isinstance(image, str)
             else f"'image' must be a string, got {image!r}"
         )
     path = Path(os.path.normpath(root / image.strip()))
@@ -424,10 +424,23 @@ class Augment:
 class _ImageDataset(Dataset):
     """Shared __getitem__: load, prepare, augment; a load failure becomes a BadSample."""
 
+    seed: int = 0
+    epoch: int | None = None
+    """Set by :class:`~tokenizer.data.resumable.ResumableLoader`: items are then seeded by (seed, epoch, index)."""
+
     def __init__(self, cfg: PreprocessConfig, train: bool, augment: AugmentConfig | None) -> None:
         self.cfg = cfg
         self.train = train
         self.augment = Augment(augment or AugmentConfig()) if train else None
+
+    def _random(self, index: int) -> tuple[np.random.Generator | None, torch.Generator | None]:
+        """(CT-window rng, augmentation generator) of one training item; (None, None) for evaluation."""
+        if not self.train:
+            return None, None
+        if self.epoch is None:  # a plain DataLoader: torch's RNG, which DataLoader seeds per worker
+            return np.random.default_rng(int(torch.randint(2**31 - 1, ()).item())), None
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return rng, torch.Generator().manual_seed(int(rng.integers(2**62)))
 
     def _source(self, index: int) -> str:
         raise NotImplementedError
@@ -440,13 +453,12 @@ class _ImageDataset(Dataset):
         source = self._source(index)
         try:
             loaded, caption, modality, window = self._load(index)
-            # A fresh generator per item drawn from torch's RNG, which DataLoader seeds per worker.
-            rng = np.random.default_rng(int(torch.randint(2**31 - 1, ()).item())) if self.train else None
+            rng, generator = self._random(index)
             image = prepare(loaded, self.cfg, modality=modality, window=window, rng=rng)
         except InputError as err:
             return BadSample(index, source, str(err))
         if self.augment is not None:
-            image = self.augment(image)
+            image = self.augment(image, generator)
         modality = modality or loaded.modality or ""
         return {"image": image, "caption": caption, "modality": modality, "index": index, "source": source}
 
@@ -802,6 +814,19 @@ def _define_datamodule() -> type:
                 )
             shape = (self.preprocess.channels, self.preprocess.image_size, self.preprocess.image_size)
             train = role == "train"
+            if train and (self.trainer is None or self.trainer.world_size == 1):
+                from tokenizer.data.resumable import ResumableLoader  # Lightning saves its position
+
+                return ResumableLoader(
+                    dataset,
+                    batch_size=self.data.batch_size,
+                    seed=self.data.seed,
+                    drop_last=len(dataset) > self.data.batch_size,
+                    epoch_fn=(lambda: self.trainer.current_epoch) if self.trainer is not None else None,
+                    num_workers=self.data.num_workers,
+                    pin_memory=torch.cuda.is_available(),
+                    collate_fn=functools.partial(collate_samples, image_shape=shape),
+                )
             return torch.utils.data.DataLoader(
                 dataset,
                 batch_size=self.data.batch_size,

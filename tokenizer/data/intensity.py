@@ -86,6 +86,8 @@ def _percentile_scale(x: np.ndarray, percentiles: Sequence[float]) -> np.ndarray
         low, high = float(x.min()), float(x.max())
     if high <= low:
         return np.zeros_like(x, dtype=np.float32)
+    if not np.isfinite(np.float32(high - low)):  # a range wider than float32 holds would give inf / inf = NaN
+        x = x.astype(np.float64)
     return np.clip((x - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 

@@ -20,6 +20,7 @@ import logging
 import os
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ def _sniff(path: Path, head: bytes) -> str | None:
         try:
             with gzip.open(path, "rb") as stream:
                 inner = stream.read(544)
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, zlib.error) as err:  # zlib.error is not an OSError
             raise InputError(f"{path}: corrupt gzip data ({err})") from err
         return "nifti" if _is_nifti_header(inner) else "gzip"
     return None
@@ -275,9 +276,7 @@ def num_slices(path: str | os.PathLike, axis: int = 2) -> int:
     path = Path(path)
     if detect_format(path) == "nifti":
         img, shape3 = _nifti_header(path)
-        import nibabel as nib
-
-        ornt = nib.orientations.io_orientation(img.affine)
+        ornt, _ = _orientation(path, img)
         return int(shape3[int(np.flatnonzero(ornt[:, 0] == axis)[0])])
     image = read_image(path, frame=0)
     height, width = image.pixels.shape[:2]
@@ -300,6 +299,8 @@ def from_pil(image: Image.Image, source: str = "<PIL image>") -> LoadedImage:
 
 
 def _check_index(path: Path, index: int | None, size: int, what: str) -> int:
+    if size < 1:  # e.g. a damaged TIFF whose series lists no pages
+        raise InputError(f"{path}: the file holds no {what} (expected at least one)")
     if index is None:
         return size // 2
     if not 0 <= index < size:
@@ -408,6 +409,8 @@ def _read_tiff(
         axes = axes.replace("S", "") + "S"
     if not axes.removesuffix("S").endswith("YX"):
         raise InputError(f"{path}: TIFF axes {series.axes!r} do not end in Y, X; expected an image")
+    if data.size == 0:  # a damaged header can declare a zero-sized series
+        raise InputError(f"{path}: TIFF series of shape {series.shape} holds no pixels")
     spatial = 3 if axes.endswith("S") else 2
     frames = data.reshape((-1, *data.shape[data.ndim - spatial :]))  # every other axis -> frames
     meta = {"format": "tiff", "dtype": str(data.dtype), "axes": series.axes, "num_frames": frames.shape[0]}
@@ -478,6 +481,15 @@ def _dicom_values(ds: Any, raw: np.ndarray, frame: int) -> np.ndarray:
 
 
 def _read_dicom(path: Path, *, frame: int | None, all_frames: bool = False) -> tuple[Any, dict[str, Any]]:
+    try:
+        return _read_dicom_dataset(path, frame=frame, all_frames=all_frames)
+    except InputError:
+        raise
+    except Exception as err:  # pydicom converts values lazily: a corrupt one fails wherever it is first read
+        raise InputError(f"{path}: corrupt DICOM attribute ({type(err).__name__}: {err})") from err
+
+
+def _read_dicom_dataset(path: Path, *, frame: int | None, all_frames: bool) -> tuple[Any, dict[str, Any]]:
     import pydicom
     from pydicom.pixels import get_decoder, pixel_array
     from pydicom.pixels.utils import get_nr_frames
@@ -553,6 +565,25 @@ def _nifti_header(path: Path) -> tuple[Any, tuple[int, int, int, int]]:
     return img, (shape[0], shape[1], shape[2], shape[3])
 
 
+def _orientation(path: Path, img: Any) -> tuple[np.ndarray, str]:
+    """(nibabel io_orientation rows, axis codes such as "RAS"); a degenerate affine is an InputError."""
+    import nibabel as nib
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ornt = nib.orientations.io_orientation(img.affine)
+            codes = nib.orientations.ornt2axcodes(ornt)
+    except Exception as err:  # non-finite or singular affines fail inside nibabel
+        raise InputError(f"{path}: NIfTI affine has no orientation ({type(err).__name__}: {err})") from err
+    if np.isnan(ornt).any() or None in codes:
+        raise InputError(
+            f"{path}: NIfTI affine {np.round(img.affine, 3).tolist()} has no orientation for every axis "
+            "(zero or non-finite voxel sizes?); expected a valid qform / sform"
+        )
+    return ornt, "".join(codes)
+
+
 def _nifti_data(path: Path, img: Any, index: tuple) -> np.ndarray:
     """Read ``index`` (into the (X, Y, Z, T) view) from the file's proxy without loading the rest."""
     try:
@@ -576,14 +607,14 @@ def _read_nifti_volume(path: Path, *, volume: int) -> tuple[np.ndarray, dict[str
     import nibabel as nib
 
     img, data, shape = _nifti_volume_raw(path, volume)
-    ornt = nib.orientations.io_orientation(img.affine)
+    ornt, codes = _orientation(path, img)
     data = nib.orientations.apply_orientation(data, ornt)
     meta = {
         "format": "nifti",
         "dtype": str(data.dtype),
         "is_hu": None,
         "original_shape": tuple(img.shape),
-        "orientation": "".join(nib.aff2axcodes(img.affine)),
+        "orientation": codes,
         "volume": volume,
         "num_volumes": shape[3],
     }
@@ -600,11 +631,9 @@ def _finish_volume(path: Path, data: np.ndarray) -> np.ndarray:
 
 def _read_nifti_slice(path: Path, *, slice_index: int | None, axis: int, volume: int) -> LoadedImage:
     """One RAS+ slice, read through the proxy (only that slice is decoded from .nii files)."""
-    import nibabel as nib
-
     img, shape = _nifti_header(path)
     volume = _check_index(path, volume, shape[3], "4D volume")
-    ornt = nib.orientations.io_orientation(img.affine)  # row i: (RAS axis of voxel axis i, flip)
+    ornt, codes = _orientation(path, img)  # row i: (RAS axis of voxel axis i, flip)
     raw_axis = int(np.flatnonzero(ornt[:, 0] == axis)[0])
     size = shape[raw_axis]
     index = _check_index(path, slice_index, size, f"slice (axis {axis})")
@@ -624,7 +653,7 @@ def _read_nifti_slice(path: Path, *, slice_index: int | None, axis: int, volume:
         "dtype": str(data.dtype),
         "is_hu": None,
         "original_shape": tuple(img.shape),
-        "orientation": "".join(nib.aff2axcodes(img.affine)),
+        "orientation": codes,
         "axis": axis,
         "slice_index": index,
         "num_slices": size,
