@@ -134,7 +134,9 @@ def _tiny() -> LMConfig:
 
 
 def _small() -> LMConfig:
-    return LMConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=1024, depth_layers=1)
+    return LMConfig(
+        dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=1024, depth_layers=1, depth_dim=128
+    )
 
 
 def _base() -> LMConfig:

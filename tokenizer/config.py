@@ -64,7 +64,8 @@ class QuantizerConfig:
     learnable_codebook: bool = False
     """VQ only: learn the codebook by gradient (codebook loss) instead of EMA; needs ``cosine=False``."""
     sync_codebook: bool | None = None
-    """VQ only: all-reduce codebook statistics across processes; None = when distributed at build."""
+    """VQ only: all-reduce codebook statistics across processes; None = whenever a process group of more than
+    one rank is running at that step."""
     fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
     """FSQ only: quantisation levels per dimension; their count is d and their product is V."""
     lfq_entropy_weight: float = 0.1

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
@@ -227,12 +228,23 @@ class MultiCodebookQuantizer(nn.Module):
         )
         counts = counts.view(self.num_codebooks, self.codebook_size)
         sums = sums.view(self.num_codebooks, self.codebook_size, self.codebook_dim)
-        state.all_reduce_fn(counts)
-        state.all_reduce_fn(sums)
+        if self._sync_codebook():  # sums over ranks: every rank applies the global batch's update
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
         state.cluster_size.data.lerp_(counts, 1.0 - state.decay)
         state.embed_avg.data.lerp_(sums, 1.0 - state.decay)
         state.update_ema()
         state.expire_codes_(x)
+
+    def _sync_codebook(self) -> bool:
+        """Whether this step sums codebook statistics over ranks (``QuantizerConfig.sync_codebook``).
+
+        Decided per step: Lightning starts the process group after the model is built, so the library's
+        choice at build time (``sync_codebook=None``) would never synchronise.
+        """
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return False
+        return self.config.sync_codebook is not False
 
     def _eval_loss(self, z: Tensor, quantized: Tensor) -> Tensor:
         if self.config.kind != "vq":

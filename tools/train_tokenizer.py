@@ -49,6 +49,15 @@ def build_system(run: TrainTokenizerRun):
     return system
 
 
+def has_unused_parameters(run: TrainTokenizerRun) -> bool:
+    """Whether some steps leave trainable parameters without a gradient, which DDP must be told.
+
+    The discriminator gets none before the GAN starts (or ever, with ``loss.gan_weight=0``), the alignment
+    head none in stage ``recon``.
+    """
+    return run.loss.gan_weight == 0 or run.loss.gan_start > 0 or run.stage == "recon"
+
+
 def export(system, run: TrainTokenizerRun, run_dir: Path) -> Path:
     """Write the trained tokenizer, with the text encoder that stage ``text`` aligned it to."""
     from tokenizer.checkpoint import save_tokenizer
@@ -71,12 +80,14 @@ def train(run: TrainTokenizerRun) -> Path:
     save_resolved_config(run_dir, dataclasses.asdict(run))
     system = build_system(run)
     data = ImageDataModule(run.data, system.model.config.preprocess)
-    trainer = build_trainer(run.trainer, run_dir)
+    trainer = build_trainer(run.trainer, run_dir, find_unused_parameters=has_unused_parameters(run))
     ckpt = last_checkpoint(run_dir) if run.resume else None
     if ckpt:
         log.info("resuming from %s", ckpt)
     trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)
-    out = export(system, run, run_dir) if trainer.is_global_zero else run_dir / "tokenizer"
+    if not trainer.is_global_zero:
+        return run_dir / "tokenizer"
+    out = export(system, run, run_dir)
     print(f"tokenizer written to {out}")
     return out
 

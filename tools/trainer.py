@@ -76,8 +76,16 @@ def resolve_precision(cfg: TrainerConfig) -> str:
     return "bf16-mixed" if cpu_has_bf16() else "32-true"
 
 
-def build_strategy(cfg: TrainerConfig, block_types: tuple[type, ...] = ()) -> Any:
-    """A Lightning strategy object; FSDP wraps ``block_types`` and checkpoints their activations."""
+def build_strategy(
+    cfg: TrainerConfig, block_types: tuple[type, ...] = (), find_unused_parameters: bool = False
+) -> Any:
+    """A Lightning strategy; FSDP wraps ``block_types`` and checkpoints their activations.
+
+    ``find_unused_parameters``: DDP tolerates parameters that a step leaves without a gradient (the
+    tokenizer's discriminator before the GAN starts, its alignment head in stage ``recon``).
+    """
+    if cfg.strategy in ("ddp", "ddp_spawn") and find_unused_parameters:
+        return f"{cfg.strategy}_find_unused_parameters_true"
     if cfg.strategy != "fsdp":
         return cfg.strategy
     from lightning.pytorch.strategies import FSDPStrategy
@@ -90,13 +98,23 @@ def build_strategy(cfg: TrainerConfig, block_types: tuple[type, ...] = ()) -> An
     return FSDPStrategy(**kwargs)
 
 
-def build_trainer(cfg: TrainerConfig, run_dir: Path, *, callbacks: list | None = None, block_types=()) -> Any:
-    """A ``lightning.Trainer`` writing logs and checkpoints under ``run_dir``."""
+def build_trainer(
+    cfg: TrainerConfig,
+    run_dir: Path,
+    *,
+    callbacks: list | None = None,
+    block_types=(),
+    find_unused_parameters: bool = False,
+) -> Any:
+    """A ``lightning.Trainer`` writing logs and checkpoints under ``run_dir`` (see :func:`build_strategy`)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
-    callbacks = list(callbacks or [])
+    from tools.resume import AtomicCheckpointIO, RandomState
+
+    # exact resume: the random generators travel with the checkpoint
+    callbacks = [*(callbacks or []), RandomState()]
     callbacks.append(
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
@@ -112,7 +130,7 @@ def build_trainer(cfg: TrainerConfig, run_dir: Path, *, callbacks: list | None =
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
-        strategy=build_strategy(cfg, block_types),
+        strategy=build_strategy(cfg, block_types, find_unused_parameters),
         precision=resolve_precision(cfg),
         max_steps=cfg.max_steps,
         log_every_n_steps=cfg.log_every_n_steps,
@@ -124,7 +142,7 @@ def build_trainer(cfg: TrainerConfig, run_dir: Path, *, callbacks: list | None =
         default_root_dir=str(run_dir),
         logger=CSVLogger(str(run_dir), name="logs"),  # logs/version_N: a resumed run keeps earlier logs
         callbacks=callbacks,
-        **cfg.extra,
+        **({"plugins": [AtomicCheckpointIO()]} | cfg.extra),  # a kill never leaves half a last.ckpt
     )
 
 

@@ -1,5 +1,3 @@
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -248,48 +246,15 @@ def test_hf_backbone_generates(tmp_path):
     assert generate_image_codes(model, prompts(), SamplingConfig(cfg_scale=2.0), seed=0).shape == (3, 2, 2, 2)
 
 
-def decode_ms_per_position(model, batch: int, reps: int = 3) -> tuple[float, float]:
-    """Best-of-reps ms per image position of guided image generation: (ours, HF LlamaForCausalLM.generate).
-
-    The HF model has the same width, depth, heads and MLP over the flat vocabulary; it generates the
-    same image as h*w*K tokens (one per sub-code) for the doubled (cond + uncond) batch.
-    """
-    import time
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    vocab, c = model.vocab, model.config
-    prompt = vocab.text_rows([vocab.bos, *range(20)])
-    sampling = SamplingConfig(cfg_scale=3.0, image_top_k=100)
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=vocab.size, hidden_size=c.dim, intermediate_size=c.mlp_hidden, num_hidden_layers=c.n_layers,
-            num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
-        )
-    ).eval()  # fmt: skip
-    ids = torch.arange(21).repeat(2 * batch, 1)
-    n = vocab.image_length * vocab.num_codebooks
-    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=100, pad_token_id=0)
-
-    def seconds(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    # warm-up (lazy initialisation) on short runs
-    generate_tokens(model, [prompt], replace(sampling, max_new_tokens=4, cfg_scale=1.0), seed=0)
-    hf.generate(ids, attention_mask=torch.ones_like(ids), **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
-    ours, theirs = [], []
-    for _ in range(reps):  # interleaved, best of reps: the machine is shared, the minimum is least disturbed
-        ours.append(seconds(lambda: generate_image_codes(model, [prompt] * batch, sampling, seed=0)))
-        theirs.append(seconds(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), **kw)))
-    ours, theirs = (min(t) * 1e3 / vocab.image_length for t in (ours, theirs))
-    return ours, theirs
-
-
 @pytest.mark.slow
 def test_decode_speed_against_hf_llama():
-    """Run: HF_HUB_OFFLINE=1 uv run pytest tests/lm/test_generate.py -m slow -s -k speed"""
+    """Run: HF_HUB_OFFLINE=1 uv run pytest tests/lm/test_generate.py -m slow -s -k speed
+
+    The reference is HF ``LlamaForCausalLM.generate`` of the same size producing the image as h*w*K flat
+    sub-code tokens for the doubled (cond + uncond) batch; ``tools/benchmark.py`` also reports the h*w-token one.
+    """
+    from tools.benchmark import decode_ms_per_position
+
     torch.set_num_threads(1)  # the CPU is shared; one thread keeps both sides comparable
     vocab = Vocab(num_text=256, num_codebooks=2, codebook_size=16, grid=(8, 8))
     model = DecoderLM(lm_config("tiny"), vocab).eval()
