@@ -21,6 +21,7 @@ from lm.config import LMConfig
 from lm.model import DecoderLM, LMOutput
 from lm.sequence import Batch
 from lm.vocab import Vocab
+from tokenizer.guard import LossGuard
 from tokenizer.system import cosine_schedule, param_groups
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,10 @@ class LMOptimConfig:
     image_weight: float = 1.0
     """Weight of the image (depth head) cross-entropy."""
     skip_nonfinite: bool = True
-    """Skip (and log) a step whose loss is NaN/Inf instead of applying it."""
+    """Skip (and log) a step whose loss is NaN/Inf, or a spike (see ``spike_factor``), instead of applying it."""
+    spike_factor: float = 10.0
+    """With ``skip_nonfinite``: also skip a step whose loss exceeds this many times the running mean of
+    accepted losses (after 100 accepted steps); 0 disables spike detection."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -123,6 +127,7 @@ class LMSystem(L.LightningModule):
         self.save_hyperparameters({"config": config.to_dict()})
         self.model = DecoderLM(config.model, self.vocab)
         self.skipped_steps = 0
+        self.loss_guard = LossGuard(config.optim.spike_factor)
 
     def configure_optimizers(self):
         o = self.config.optim
@@ -154,27 +159,30 @@ class LMSystem(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int):
         losses = self.losses(batch)
         n = batch.tokens.shape[0]
-        if self.config.optim.skip_nonfinite and not self._all_finite(losses["loss"]):
-            self.skipped_steps += 1
-            log.warning(
-                "step %d: non-finite loss %s; step skipped (%d so far)",
-                self.global_step,
-                {k: float(v.detach()) for k, v in losses.items()},
-                self.skipped_steps,
-            )
-            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=n)
-            return None  # Lightning runs no backward and no optimizer step for a None loss
+        if self.config.optim.skip_nonfinite:
+            why = self.loss_guard.verdict(losses["loss"])
+            if not self._all_ranks_agree(why is None):
+                self.skipped_steps += 1
+                log.warning(
+                    "step %d: %s, losses %s; step skipped (%d so far)",
+                    self.global_step,
+                    why or "bad loss on another rank",
+                    {k: float(v.detach()) for k, v in losses.items()},
+                    self.skipped_steps,
+                )
+                self.log("train/skipped_steps", float(self.skipped_steps), batch_size=n)
+                return None  # Lightning runs no backward and no optimizer step for a None loss
+            self.loss_guard.accept(losses["loss"])
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
         self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return losses["loss"]
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every rank (all ranks must skip together, or DDP hangs)."""
-        finite = bool(torch.isfinite(loss.detach()))
+    def _all_ranks_agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (all ranks must skip together, or DDP hangs)."""
         if self._trainer is None:
-            return finite
-        return bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+            return ok
+        return bool(self.trainer.strategy.reduce_boolean_decision(ok, all=True))
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         losses = self.losses(batch)

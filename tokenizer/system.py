@@ -20,6 +20,7 @@ from torch import nn
 from tokenizer.alignment import AlignmentConfig, ContrastiveLoss, build_text_encoder, build_vision_teacher
 from tokenizer.config import TokenizerConfig
 from tokenizer.discriminator import DiscriminatorConfig, build_discriminator
+from tokenizer.guard import LossGuard
 from tokenizer.losses import (
     LossConfig,
     ReconstructionLoss,
@@ -55,6 +56,11 @@ class OptimConfig:
     """Cosine decay ends at this fraction of the peak learning rate."""
     grad_clip: float = 10.0
     """Gradient-norm clip for the tokenizer (0 disables)."""
+    skip_nonfinite: bool = True
+    """Skip (and log) a step whose loss is NaN/Inf, or a spike (see ``spike_factor``), instead of applying it."""
+    spike_factor: float = 10.0
+    """With ``skip_nonfinite``: also skip a step whose loss exceeds this many times the running mean of
+    accepted losses (after 100 accepted steps); 0 disables spike detection."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.disc_lr <= 0:
@@ -78,8 +84,6 @@ class TokenizerTrainConfig:
     """Length of the schedule in optimizer steps."""
     ema_decay: float | None = None
     """Keep an exponential moving average of the tokenizer weights (e.g. 0.999); exported instead of the raw weights."""
-    skip_nonfinite: bool = True
-    """Skip (and log) a step whose loss is NaN/Inf instead of applying it."""
 
 
 def cosine_schedule(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -129,6 +133,7 @@ class TokenizerSystem(L.LightningModule):
                 self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay)
             )
         self.skipped_steps = 0
+        self.loss_guard = LossGuard(config.optim.spike_factor)
         # Frozen networks (teacher, text encoder, LPIPS) are rebuilt from their sources, not checkpointed.
         self.strict_loading = False
 
@@ -176,12 +181,15 @@ class TokenizerSystem(L.LightningModule):
         x = batch["image"]
         step = self.global_step
 
-        kept = self._copy_buffers() if self.config.skip_nonfinite else None
+        kept = self._copy_buffers() if self.config.optim.skip_nonfinite else None
         losses, out = self.generator_losses(x, batch.get("caption"), step)
-        if self.config.skip_nonfinite and not self._all_finite(losses["loss"]):
-            self._restore_buffers(kept)  # the forward pass already moved the codebook EMA: undo it
-            self._skip(step, losses)
-            return
+        if self.config.optim.skip_nonfinite:
+            why = self.loss_guard.verdict(losses["loss"])
+            if not self._all_ranks_agree(why is None):
+                self._restore_buffers(kept)  # the forward pass already moved the codebook EMA: undo it
+                self._skip(step, losses, why or "bad loss on another rank")
+                return
+            self.loss_guard.accept(losses["loss"])
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(losses["loss"])
         if self.config.optim.grad_clip:
@@ -254,17 +262,16 @@ class TokenizerSystem(L.LightningModule):
         for name, b in self.named_buffers():
             b.copy_(kept[name])
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every rank (all ranks must skip together, or DDP hangs)."""
-        finite = bool(torch.isfinite(loss.detach()))
+    def _all_ranks_agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (all ranks must skip together, or DDP hangs)."""
         if self._trainer is None:
-            return finite
-        return bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+            return ok
+        return bool(self.trainer.strategy.reduce_boolean_decision(ok, all=True))
 
-    def _skip(self, step: int, losses: dict) -> None:
+    def _skip(self, step: int, losses: dict, why: str) -> None:
         self.skipped_steps += 1
-        bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(torch.as_tensor(v))}
-        log.warning("step %d: non-finite loss %s; step skipped (%d so far)", step, bad, self.skipped_steps)
+        values = {k: float(v) for k, v in losses.items()}
+        log.warning("step %d: %s, losses %s; step skipped (%d so far)", step, why, values, self.skipped_steps)
         self.log("train/skipped_steps", float(self.skipped_steps))
 
     def _log_step(self, losses: dict, out, batch_size: int) -> None:
@@ -323,5 +330,5 @@ def train_config_from_dict(d: dict) -> TokenizerTrainConfig:
         discriminator=DiscriminatorConfig(**d.get("discriminator", {})),
         alignment=AlignmentConfig(**align),
         optim=OptimConfig(**d.get("optim", {})),
-        **{k: d[k] for k in ("max_steps", "ema_decay", "skip_nonfinite") if k in d},
+        **{k: d[k] for k in ("max_steps", "ema_decay") if k in d},
     )

@@ -170,7 +170,7 @@ def test_nonfinite_loss_skips_the_step(env, tmp_path, caplog):
     system.losses = poisoned
     with caplog.at_level(logging.WARNING, logger="lm.system"):
         recorder = fit(env, system, tmp_path, max_steps=4, snapshot=True)
-    assert system.skipped_steps == 1 and "non-finite loss" in caplog.text
+    assert system.skipped_steps == 1 and "step 1: non-finite, losses" in caplog.text
     assert len(recorder.losses) == 3  # the poisoned batch returned no loss
     before, skipped, after = recorder.weights[:3]
     assert torch.equal(before, skipped) and not torch.equal(skipped, after)  # no backward, no update

@@ -22,6 +22,7 @@ from tokenizer.alignment import AlignmentConfig
 from tokenizer.api import create_tokenizer
 from tokenizer.config import QuantizerConfig, create_config
 from tokenizer.data.datasets import DataConfig, ImageDataModule
+from tokenizer.guard import LossGuard
 from tokenizer.losses import LossConfig
 from tokenizer.quantizer import MultiCodebookQuantizer
 from tokenizer.system import OptimConfig, TokenizerSystem, TokenizerTrainConfig
@@ -182,8 +183,8 @@ class _Snapshots(L.Callback):
         self.after.append(self._flat(pl_module))
 
 
-@pytest.mark.parametrize("poison", ["nan", "inf"])
-def test_tokenizer_skips_a_nonfinite_step_with_a_log_line(tmp_path, caplog, poison):
+@pytest.mark.parametrize(("poison", "why"), [("nan", "non-finite"), ("inf", "non-finite"), ("1e4", "spike")])
+def test_tokenizer_skips_a_nonfinite_or_spiking_step_with_a_log_line(tmp_path, caplog, poison, why):
     config = TokenizerTrainConfig(
         model=create_config("tiny"),
         loss=LossConfig(lpips_weight=0.0, gan_start=0, gan_ramp_steps=0),  # the discriminator steps too
@@ -192,6 +193,7 @@ def test_tokenizer_skips_a_nonfinite_step_with_a_log_line(tmp_path, caplog, pois
         max_steps=3,
     )
     system = TokenizerSystem(config)
+    system.loss_guard = LossGuard(10.0, warmup=1)  # judge spikes from the second step on
     original, calls = system.generator_losses, {"n": 0}
 
     def poisoned(x, captions, step):
@@ -210,8 +212,27 @@ def test_tokenizer_skips_a_nonfinite_step_with_a_log_line(tmp_path, caplog, pois
                         limit_val_batches=0, default_root_dir=tmp_path)  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="tokenizer.system"):
         trainer.fit(system, datamodule=data)
-    assert system.skipped_steps == 1 and f"step 1: non-finite loss {{'loss': {float(poison)}" in caplog.text
+    assert system.skipped_steps == 1 and f"step 1: {why}" in caplog.text
+    detail = "x running mean" if why == "spike" else f"losses {{'loss': {float(poison)}"
+    assert detail in caplog.text
     assert trainer.global_step == 2  # the skipped batch made no optimizer step: 3 batches for 2 steps
     first, skipped, last = zip(snapshots.before, snapshots.after, strict=True)
     assert not torch.equal(*first) and torch.equal(*skipped) and not torch.equal(*last)
     assert all(torch.isfinite(p).all() for p in system.parameters())
+
+
+def test_loss_guard_judges_against_the_running_mean_of_accepted_losses():
+    guard = LossGuard(4.0, warmup=3, decay=0.5)
+    for value in (2.0, 2.0, 2.0):
+        assert guard.verdict(torch.tensor(value)) is None
+        guard.accept(torch.tensor(value))
+    assert float(guard.mean) == 2.0 and int(guard.accepted) == 3
+    assert guard.verdict(torch.tensor(7.9)) is None and "spike" in guard.verdict(torch.tensor(8.1))
+    assert guard.verdict(torch.tensor(float("nan"))) == "non-finite"
+    guard.accept(torch.tensor(6.0))
+    assert float(guard.mean) == 4.0  # 0.5 * 2 + 0.5 * 6
+    off = LossGuard(0.0, warmup=0)
+    assert off.verdict(torch.tensor(1e30)) is None and off.verdict(torch.tensor(float("inf"))) == "non-finite"
+    assert set(dict(guard.named_buffers())) == {"mean", "accepted"}  # checkpointed with the system
+    with pytest.raises(ValueError, match="spike_factor"):
+        LossGuard(0.5)
