@@ -46,3 +46,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` left in ``folder``; returns them.
+
+    Call it only when no other process writes there (e.g. when a run directory is resumed).
+    """
+    stale = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale

@@ -147,7 +147,14 @@ def build_trainer(
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    """``run_dir/checkpoints/last.ckpt`` when a previous run of this directory left one."""
+    """``run_dir/checkpoints/last.ckpt`` when a previous run of this directory left one.
+
+    Temporary files of a save that a kill interrupted are deleted (the run being resumed is the only writer).
+    """
+    from tokenizer.atomic import remove_stale_temps
+
+    for tmp in remove_stale_temps(run_dir / "checkpoints"):
+        log.info("removed %s, left by an interrupted checkpoint save", tmp)
     path = run_dir / "checkpoints" / "last.ckpt"
     return path if path.is_file() else None
 

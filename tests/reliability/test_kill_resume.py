@@ -41,7 +41,7 @@ from tokenizer.data.phantoms import PhantomDataset
 from tokenizer.encode import checkpoint_config
 from tokenizer.shards import ShardWriter
 from tools.schemas import compose
-from tools.trainer import TrainerConfig, build_trainer
+from tools.trainer import TrainerConfig, build_trainer, last_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 FORK = multiprocessing.get_context("fork")
@@ -223,6 +223,8 @@ def test_a_kill_during_checkpoint_saving_never_leaves_a_corrupt_last_ckpt(tmp_pa
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     assert last_step > 1  # the kills did land while checkpoints were being rewritten
+    assert last_checkpoint(tmp_path) == path  # resuming deletes what interrupted saves left behind
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
 def _kill_savers(path: Path, staging: str) -> int:
