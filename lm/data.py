@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lm.sequence import RecordRejected, Sequence, build_sequence, pack
 from lm.text_tokenizer import TextTokenizer
 from lm.vocab import Vocab
+from tokenizer.data.resumable import PassPosition
 from tokenizer.errors import InputError
 from tokenizer.shards import CodeShard
 
@@ -368,7 +369,7 @@ class LMDataset(IterableDataset):
             )
 
 
-class EpochDataLoader(DataLoader):
+class EpochDataLoader(PassPosition, DataLoader):
     """A DataLoader that tells its :class:`LMDataset` the epoch and rank before every pass.
 
     ``epoch_fn`` gives the epoch (e.g. the trainer's); without it passes are counted from 0. Workers are
@@ -382,16 +383,6 @@ class EpochDataLoader(DataLoader):
         kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self.epoch_fn = epoch_fn
-        self._passes, self._epoch, self._done = 0, 0, 0
-        self._restored: tuple[int, int] | None = None
-
-    def state_dict(self) -> dict[str, int]:
-        """The epoch of the current pass and the batches it has yielded."""
-        return {"epoch": self._epoch, "batches": self._done}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """The next pass, if it is of the same epoch, skips the batches already yielded."""
-        self._restored = (int(state["epoch"]), int(state["batches"]))
 
     def _sync_rank(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -402,16 +393,13 @@ class EpochDataLoader(DataLoader):
         return super().__len__()
 
     def __iter__(self):
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self._passes
-        self._passes += 1
+        epoch = self._next_epoch()
         self.dataset.set_epoch(epoch)
         self._sync_rank()
-        restored, self._restored = self._restored, None
-        start = min(restored[1], len(self)) if restored is not None and restored[0] == epoch else 0
+        start = self._start_batch(epoch, len(self))
         self.dataset.start_batch = start
-        self._epoch, self._done = epoch, start
         for batch in super().__iter__():
-            self._done += 1
+            self._advance()
             yield batch
 
 

@@ -160,29 +160,30 @@ class LMSystem(L.LightningModule):
         losses = self.losses(batch)
         n = batch.tokens.shape[0]
         if self.config.optim.skip_nonfinite:
-            why = self.loss_guard.verdict(losses["loss"])
-            if not self._all_ranks_agree(why is None):
+            loss = self._mean_over_ranks(losses["loss"])  # every rank judges the same value
+            why = self.loss_guard.verdict(loss)
+            if why is not None:
                 self.skipped_steps += 1
                 log.warning(
                     "step %d: %s, losses %s; step skipped (%d so far)",
                     self.global_step,
-                    why or "bad loss on another rank",
+                    why,
                     {k: float(v.detach()) for k, v in losses.items()},
                     self.skipped_steps,
                 )
                 self.log("train/skipped_steps", float(self.skipped_steps), batch_size=n)
                 return None  # Lightning runs no backward and no optimizer step for a None loss
-            self.loss_guard.accept(losses["loss"])
+            self.loss_guard.accept(loss)
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
         self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return losses["loss"]
 
-    def _all_ranks_agree(self, ok: bool) -> bool:
-        """Whether ``ok`` holds on every rank (all ranks must skip together, or DDP hangs)."""
+    def _mean_over_ranks(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss averaged over ranks (NaN anywhere is NaN everywhere), so all ranks skip or step together."""
         if self._trainer is None:
-            return ok
-        return bool(self.trainer.strategy.reduce_boolean_decision(ok, all=True))
+            return loss.detach()
+        return self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="mean")
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         losses = self.losses(batch)

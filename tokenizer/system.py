@@ -184,12 +184,13 @@ class TokenizerSystem(L.LightningModule):
         kept = self._copy_buffers() if self.config.optim.skip_nonfinite else None
         losses, out = self.generator_losses(x, batch.get("caption"), step)
         if self.config.optim.skip_nonfinite:
-            why = self.loss_guard.verdict(losses["loss"])
-            if not self._all_ranks_agree(why is None):
+            loss = self._mean_over_ranks(losses["loss"])  # every rank judges the same value
+            why = self.loss_guard.verdict(loss)
+            if why is not None:
                 self._restore_buffers(kept)  # the forward pass already moved the codebook EMA: undo it
-                self._skip(step, losses, why or "bad loss on another rank")
+                self._skip(step, losses, why)
                 return
-            self.loss_guard.accept(losses["loss"])
+            self.loss_guard.accept(loss)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(losses["loss"])
         if self.config.optim.grad_clip:
@@ -262,11 +263,11 @@ class TokenizerSystem(L.LightningModule):
         for name, b in self.named_buffers():
             b.copy_(kept[name])
 
-    def _all_ranks_agree(self, ok: bool) -> bool:
-        """Whether ``ok`` holds on every rank (all ranks must skip together, or DDP hangs)."""
+    def _mean_over_ranks(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss averaged over ranks (NaN anywhere is NaN everywhere), so all ranks skip or step together."""
         if self._trainer is None:
-            return ok
-        return bool(self.trainer.strategy.reduce_boolean_decision(ok, all=True))
+            return loss.detach()
+        return self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="mean")
 
     def _skip(self, step: int, losses: dict, why: str) -> None:
         self.skipped_steps += 1

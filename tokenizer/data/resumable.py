@@ -51,7 +51,42 @@ class EpochBatchSampler(Sampler[list[int]]):
             yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
 
 
-class ResumableLoader(DataLoader):
+class PassPosition:
+    """The resumable position of a loader: the epoch of the current pass and the batches it has yielded.
+
+    A loader mixes this in, calls :meth:`_next_epoch` and :meth:`_start_batch` at the start of ``__iter__``
+    and :meth:`_advance` after each batch; Lightning saves ``state_dict()`` in checkpoints and hands it back on resume.
+    """
+
+    epoch_fn: Callable[[], int] | None = None
+    _passes = _epoch = _done = 0
+    _restored: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch of the current pass and the batches it has yielded."""
+        return {"epoch": self._epoch, "batches": self._done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """The next pass, if it is of the same epoch, skips the batches already yielded."""
+        self._restored = (int(state["epoch"]), int(state["batches"]))
+
+    def _next_epoch(self) -> int:
+        """The epoch of the pass that starts now."""
+        self._passes += 1
+        return self.epoch_fn() if self.epoch_fn is not None else self._passes - 1
+
+    def _start_batch(self, epoch: int, num_batches: int) -> int:
+        """The first batch of this pass: past the restored position when it is of the same epoch."""
+        restored, self._restored = self._restored, None
+        start = min(restored[1], num_batches) if restored is not None and restored[0] == epoch else 0
+        self._epoch, self._done = epoch, start
+        return start
+
+    def _advance(self) -> None:
+        self._done += 1
+
+
+class ResumableLoader(PassPosition, DataLoader):
     """A shuffling training loader with a resumable position (see the module docstring).
 
     Args:
@@ -80,27 +115,13 @@ class ResumableLoader(DataLoader):
         kwargs.pop("persistent_workers", None)
         super().__init__(dataset, batch_sampler=sampler, generator=generator, **kwargs)
         self.seed, self.epoch_fn = seed, epoch_fn
-        self._passes, self._epoch, self._done = 0, 0, 0
-        self._restored: tuple[int, int] | None = None
-
-    def state_dict(self) -> dict[str, int]:
-        """The epoch of the current pass and the batches it has yielded."""
-        return {"epoch": self._epoch, "batches": self._done}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """The next pass, if it is of the same epoch, skips the batches already yielded."""
-        self._restored = (int(state["epoch"]), int(state["batches"]))
 
     def __iter__(self) -> Iterator[Any]:
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self._passes
-        self._passes += 1
-        start, restored, self._restored = 0, self._restored, None
-        if restored is not None and restored[0] == epoch:
-            start = min(restored[1], len(self.batch_sampler))
+        epoch = self._next_epoch()
+        start = self._start_batch(epoch, len(self.batch_sampler))
         self.batch_sampler.epoch, self.batch_sampler.start = epoch, start
         if hasattr(self.dataset, "epoch"):
             self.dataset.seed, self.dataset.epoch = self.seed, epoch
-        self._epoch, self._done = epoch, start
         for batch in super().__iter__():
-            self._done += 1
+            self._advance()
             yield batch
