@@ -84,21 +84,22 @@ def summary_numbers(run_dir: Path) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for name, _ in SECTIONS:
         data = json.loads((run_dir / name / "metrics.json").read_text())
-        out[name] = [float(v) for v in _numbers(data)]
+        out[name] = [float(v) for v in json_numbers(data)]
     return out
 
 
-def _numbers(obj):
+def json_numbers(obj):
+    """Every number inside a JSON value (booleans are flags, not figures)."""
     if isinstance(obj, bool):
         return
     if isinstance(obj, int | float):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _numbers(v)
+            yield from json_numbers(v)
     elif isinstance(obj, list):
         for v in obj:
-            yield from _numbers(v)
+            yield from json_numbers(v)
 
 
 def all_finite(numbers: dict[str, list[float]]) -> bool:

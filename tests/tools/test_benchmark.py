@@ -10,21 +10,10 @@ import pytest
 import torch
 
 from tools import benchmark
+from tools.quickstart_report import json_numbers
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ("tokenizer", "quantizer", "lm_prefill", "lm_decode", "training")
-
-
-def _numbers(value):
-    """Every number inside a JSON value (booleans are flags, not figures)."""
-    if isinstance(value, dict):
-        for v in value.values():
-            yield from _numbers(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _numbers(v)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        yield value
 
 
 def check_report(out: Path, device: str) -> dict:
@@ -33,7 +22,7 @@ def check_report(out: Path, device: str) -> dict:
     for name in SECTIONS:
         rows = sections[name]
         assert rows, name
-        figures = list(_numbers(rows))
+        figures = list(json_numbers(rows))
         assert figures and all(math.isfinite(x) and x > 0 for x in figures), (name, rows)
     decode = sections["lm_decode"]
     assert sorted((r["batch"], r["cfg_scale"]) for r in decode) == [(1, 1.0), (1, 3.0), (8, 1.0), (8, 3.0)]

@@ -13,6 +13,7 @@ import lm
 from tokenizer.alignment import TextEncoderConfig
 from tokenizer.api import create_tokenizer
 from tools import eval_generation, eval_understanding
+from tools.quickstart_report import json_numbers
 from tools.schemas import EvalGenerationRun, EvalUnderstandingRun, command_line, compose
 
 
@@ -20,17 +21,6 @@ from tools.schemas import EvalGenerationRun, EvalUnderstandingRun, command_line,
 def saved(tmp_path_factory) -> Path:
     tokenizer = create_tokenizer("tiny", text_encoder=TextEncoderConfig(), embed_dim=64).eval()
     return lm.create_model("tiny", tokenizer).save_pretrained(tmp_path_factory.mktemp("lm") / "model")
-
-
-def _numbers(obj):
-    if isinstance(obj, dict):
-        for v in obj.values():
-            yield from _numbers(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _numbers(v)
-    elif isinstance(obj, int | float) and not isinstance(obj, bool):
-        yield obj
 
 
 def test_configs_compose_and_check_keys(saved, tmp_path):
@@ -63,7 +53,7 @@ def test_eval_generation_end_to_end(saved, tmp_path):
         assert m["attributes"]["n"] == 4 and 0 <= m["attributes"]["exact"] <= 1
         for key in ("fid", "kid", "precision", "recall", "alignment"):
             assert m[key] is not None and math.isfinite(m[key]), key
-    assert all(math.isfinite(x) for x in _numbers(data))
+    assert all(math.isfinite(x) for x in json_numbers(data))
     markdown = (out / "metrics.md").read_text()
     assert markdown.splitlines()[3] == command and "RANDOM weights" in markdown
     lines = (out / "generations.jsonl").read_text().splitlines()
@@ -85,7 +75,7 @@ def test_eval_understanding_end_to_end(saved, tmp_path):
     assert 0 <= cap["bleu4"] <= 1 and 0 <= cap["rouge_l"] <= 1 and cap["attributes"]["n"] == 3
     assert data["vqa"]["n"] == 9 and 0 <= data["vqa"]["accuracy"] <= 1
     assert data["zero_shot"]["modality"]["n"] == 3 and data["zero_shot"]["finding_present"]["n"] == 3
-    assert all(math.isfinite(x) for x in _numbers(data))
+    assert all(math.isfinite(x) for x in json_numbers(data))
     markdown = (out / "metrics.md").read_text()
     assert markdown.splitlines()[3] == command and "Closed VQA" in markdown and "Zero-shot" in markdown
     rows = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
