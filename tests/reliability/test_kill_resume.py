@@ -35,11 +35,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokenizer.api import create_tokenizer
-from tokenizer.checkpoint import load_tokenizer, save_tokenizer
-from tokenizer.data.phantoms import PhantomDataset
-from tokenizer.encode import checkpoint_config
-from tokenizer.shards import ShardWriter
 from tools.schemas import compose
 from tools.trainer import TrainerConfig, build_trainer, last_checkpoint
 
@@ -58,21 +53,10 @@ LM = [*COMMON, "lm=tiny", "data.batch_size=4", "text_vocab_size=300", "optim.war
 
 
 @pytest.fixture(scope="module")
-def lm_inputs(tmp_path_factory) -> list[str]:
+def lm_inputs(make_lm_inputs) -> list[str]:
     """Overrides naming a tiny tokenizer checkpoint and a 12-row phantom shard it encoded."""
-    root = tmp_path_factory.mktemp("lm_inputs")
-    checkpoint = save_tokenizer(create_tokenizer("tiny").eval(), root / "tokenizer")
-    tokenizer = load_tokenizer(checkpoint)
-    data = PhantomDataset(12, seed=1, size=32)
-    with torch.no_grad():
-        codes = tokenizer.encode_to_codes(torch.stack([data[i]["image"] for i in range(12)]))
-    records = [{"source": data[i]["source"], "modality": data[i]["modality"], "caption": data[i]["caption"],
-                "qa": [{"question": "Which modality?", "answer": data[i]["modality"]}]} for i in range(12)]  # fmt: skip
-    with ShardWriter(root / "phantoms", num_rows=12, K=2, V=16, grid=(8, 8),
-                     tokenizer_config=checkpoint_config(checkpoint, tokenizer)) as writer:  # fmt: skip
-        writer.write(range(12), codes, records)
-        writer.finalize()
-    return [f"tokenizer.checkpoint={checkpoint}", f"data.shard_dirs=[{root / 'phantoms'}]"]
+    checkpoint, shard = make_lm_inputs("Which modality?")
+    return [f"tokenizer.checkpoint={checkpoint}", f"data.shard_dirs=[{shard}]"]
 
 
 # ------------------------------------------------------------------------------------------- helpers

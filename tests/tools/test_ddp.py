@@ -49,11 +49,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback
 
 import tools.trainer
-from tokenizer.api import create_tokenizer
-from tokenizer.checkpoint import load_tokenizer, save_tokenizer
-from tokenizer.data.phantoms import PhantomDataset
-from tokenizer.encode import checkpoint_config
-from tokenizer.shards import ShardWriter
+from tokenizer.checkpoint import load_tokenizer
 from tools.schemas import compose
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -208,20 +204,9 @@ def test_tokenizer_ddp_matches_one_process(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def shard(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny tokenizer checkpoint and a shard of 12 captioned phantoms it encoded."""
-    root = tmp_path_factory.mktemp("ddp_lm")
-    checkpoint = save_tokenizer(create_tokenizer("tiny").eval(), root / "tokenizer")
-    tokenizer = load_tokenizer(checkpoint)
-    data = PhantomDataset(12, seed=1, size=32)
-    with torch.no_grad():
-        codes = tokenizer.encode_to_codes(torch.stack([data[i]["image"] for i in range(12)]))
-    records = [{k: data[i][k] for k in ("source", "modality", "caption")} for i in range(12)]
-    config = checkpoint_config(checkpoint, tokenizer)
-    with ShardWriter(root / "phantoms", num_rows=12, K=2, V=16, grid=(8, 8), tokenizer_config=config) as w:
-        w.write(range(12), codes, records)
-        w.finalize()
-    return checkpoint, root / "phantoms"
+def shard(make_lm_inputs) -> tuple[Path, Path]:
+    """A tiny tokenizer checkpoint and a shard of 12 captioned phantoms it encoded (no questions)."""
+    return make_lm_inputs(None)
 
 
 def test_lm_ddp_matches_one_process(shard, tmp_path, monkeypatch):

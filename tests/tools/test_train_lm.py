@@ -12,11 +12,6 @@ from PIL import Image
 
 from lm import describe_image, load_model
 from lm.config import PRESETS, lm_config
-from tokenizer.api import create_tokenizer
-from tokenizer.checkpoint import save_tokenizer
-from tokenizer.data.phantoms import PhantomDataset
-from tokenizer.encode import checkpoint_config
-from tokenizer.shards import ShardWriter
 from tools import generate
 from tools.schemas import TrainLMRun
 from tools.train_lm import train
@@ -31,28 +26,9 @@ def make_run(*overrides: str) -> TrainLMRun:
 
 
 @pytest.fixture(scope="module")
-def checkpoint_and_shard(tmp_path_factory):
+def checkpoint_and_shard(make_lm_inputs):
     """A tiny tokenizer checkpoint and a shard of 12 phantoms it encoded (captions + one QA each)."""
-    root = tmp_path_factory.mktemp("trainlm")
-    checkpoint = save_tokenizer(create_tokenizer("tiny").eval(), root / "tokenizer")
-    from tokenizer.checkpoint import load_tokenizer
-
-    tokenizer = load_tokenizer(checkpoint)
-    data = PhantomDataset(12, seed=1, size=32)
-    with torch.no_grad():
-        codes = tokenizer.encode_to_codes(torch.stack([data[i]["image"] for i in range(12)]))
-    records = [
-        {"source": data[i]["source"], "modality": data[i]["modality"], "caption": data[i]["caption"],
-         "qa": [{"question": "What imaging modality is this?", "answer": data[i]["modality"]}]}
-        for i in range(12)
-    ]  # fmt: skip
-    with ShardWriter(
-        root / "phantoms", num_rows=12, K=2, V=16, grid=(8, 8),
-        tokenizer_config=checkpoint_config(checkpoint, tokenizer),
-    ) as writer:  # fmt: skip
-        writer.write(range(12), codes, records)
-        writer.finalize()
-    return checkpoint, root / "phantoms"
+    return make_lm_inputs("What imaging modality is this?")
 
 
 def test_every_config_composes():
