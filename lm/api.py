@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lm.config import LMConfig, lm_config
@@ -44,7 +44,7 @@ from lm.text_tokenizer import TextTokenizer
 from lm.vocab import Vocab
 from tokenizer.api import detokenize, tokenize_image
 from tokenizer.atomic import atomic_write, atomic_write_bytes
-from tokenizer.checkpoint import check_state, load_tokenizer, save_tokenizer
+from tokenizer.checkpoint import check_state, load_tokenizer, read_weights, save_tokenizer
 from tokenizer.errors import InputError
 from tokenizer.model import ImageTokenizer
 
@@ -317,12 +317,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device | None =
     text_tokenizer = TextTokenizer.load(directory / TEXT_DIR)
     check_parts(vocab, text_tokenizer, image_tokenizer, str(directory))
     weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise InputError(f"{directory}: missing {WEIGHTS_NAME}")
-    try:
-        state = load_file(weights)
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise InputError(f"{weights}: not a readable safetensors file ({e})") from None
+    state = read_weights(weights)
     with _quiet_transformers() if config.hf_backbone is not None else contextlib.nullcontext():
         lm = ARCHITECTURES[raw["architecture"]](config, vocab)
     check_state(lm.state_dict(), state, str(weights))

@@ -160,8 +160,7 @@ class LMSystem(L.LightningModule):
         losses = self.losses(batch)
         n = batch.tokens.shape[0]
         if self.config.optim.skip_nonfinite:
-            loss = self._mean_over_ranks(losses["loss"])  # every rank judges the same value
-            why = self.loss_guard.verdict(loss)
+            why = self.loss_guard.judge(losses["loss"])
             if why is not None:
                 self.skipped_steps += 1
                 log.warning(
@@ -173,17 +172,10 @@ class LMSystem(L.LightningModule):
                 )
                 self.log("train/skipped_steps", float(self.skipped_steps), batch_size=n)
                 return None  # Lightning runs no backward and no optimizer step for a None loss
-            self.loss_guard.accept(loss)
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
         self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return losses["loss"]
-
-    def _mean_over_ranks(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss averaged over ranks (NaN anywhere is NaN everywhere), so all ranks skip or step together."""
-        if self._trainer is None:
-            return loss.detach()
-        return self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="mean")
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         losses = self.losses(batch)

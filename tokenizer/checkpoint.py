@@ -114,12 +114,7 @@ def load_tokenizer(
         directory = _download(str(name_or_dir))
     config = read_config(directory)
     weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise InputError(f"{directory}: missing {WEIGHTS_NAME}")
-    try:
-        state = load_file(weights)
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise InputError(f"{weights}: not a readable safetensors file ({e})") from None
+    state = read_weights(weights)
     model = ImageTokenizer(without_pretrained(config))
     check_state(model.state_dict(), state, str(weights))
     model.load_state_dict(state, strict=True)
@@ -140,3 +135,13 @@ def _download(repo_id: str) -> Path:
         raise InputError(
             f"{repo_id}: not a local directory and could not be fetched from the Hub ({e})"
         ) from None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing or unreadable file raises InputError naming it."""
+    if not path.is_file():
+        raise InputError(f"{path.parent}: missing {path.name}")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise InputError(f"{path}: not a readable safetensors file ({e})") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -24,6 +25,21 @@ class LossGuard(nn.Module):
         self.spike_factor, self.warmup, self.decay = spike_factor, warmup, decay
         self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
         self.register_buffer("accepted", torch.zeros((), dtype=torch.long))
+
+    def judge(self, loss: torch.Tensor) -> str | None:
+        """One training step: None (and the loss joins the running mean) when it may be applied, else why not.
+
+        The loss is averaged over ranks first (NaN anywhere is NaN everywhere), so every rank decides alike.
+        """
+        loss = loss.detach()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            loss = loss.clone()
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        why = self.verdict(loss)
+        if why is None:
+            self.accept(loss)
+        return why
 
     def verdict(self, loss: torch.Tensor) -> str | None:
         """None when the step may be applied, else why not (``"non-finite"`` or ``"spike"``)."""

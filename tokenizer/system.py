@@ -184,13 +184,11 @@ class TokenizerSystem(L.LightningModule):
         kept = self._copy_buffers() if self.config.optim.skip_nonfinite else None
         losses, out = self.generator_losses(x, batch.get("caption"), step)
         if self.config.optim.skip_nonfinite:
-            loss = self._mean_over_ranks(losses["loss"])  # every rank judges the same value
-            why = self.loss_guard.verdict(loss)
+            why = self.loss_guard.judge(losses["loss"])
             if why is not None:
                 self._restore_buffers(kept)  # the forward pass already moved the codebook EMA: undo it
                 self._skip(step, losses, why)
                 return
-            self.loss_guard.accept(loss)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(losses["loss"])
         if self.config.optim.grad_clip:
@@ -262,12 +260,6 @@ class TokenizerSystem(L.LightningModule):
     def _restore_buffers(self, kept: dict[str, torch.Tensor]) -> None:
         for name, b in self.named_buffers():
             b.copy_(kept[name])
-
-    def _mean_over_ranks(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss averaged over ranks (NaN anywhere is NaN everywhere), so all ranks skip or step together."""
-        if self._trainer is None:
-            return loss.detach()
-        return self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="mean")
 
     def _skip(self, step: int, losses: dict, why: str) -> None:
         self.skipped_steps += 1

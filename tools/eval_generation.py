@@ -20,6 +20,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from tools.progress import progress_bar
 from tools.schemas import EvalGenerationRun, command_line, register
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,6 @@ def write_report(results, out_dir: str | Path, command: str) -> Path:
 def evaluate(run: EvalGenerationRun, command: str | None = None) -> Path:
     """Run the benchmark described by ``run`` (a :class:`~lm.evaluation.GenerationEvalConfig` itself); returns
     the report directory."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from lm.api import load_model
     from lm.evaluation import evaluate_generation, held_out_items
@@ -137,10 +137,8 @@ def evaluate(run: EvalGenerationRun, command: str | None = None) -> Path:
     save_resolved_config(out / RUN_SUBDIR, dataclasses.asdict(run))
     model = load_model(run.model)
     total = len(held_out_items(model, run, run.num_prompts)) * len(run.cfg_scales)
-    columns = (TextColumn("eval_generation"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not run.progress_bar) as bar:
-        task = bar.add_task("images", total=total)
-        results = evaluate_generation(model, run, device=run.device, progress=lambda n: bar.advance(task, n))
+    with progress_bar("eval_generation", total, run.progress_bar) as advance:
+        results = evaluate_generation(model, run, device=run.device, progress=advance)
     results.settings["model"] = str(run.model)
     command = command or command_line("tools.eval_generation")
     write_report(results, out, command)

@@ -22,6 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from tools.progress import progress_bar
 from tools.schemas import EvalReconRun, command_line, register
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ def select_dataset(run: EvalReconRun, preprocess):
 
 def evaluate(run: EvalReconRun, command: str | None = None) -> Path:
     """Run the benchmark described by ``run``; returns the report directory."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from tokenizer.checkpoint import load_tokenizer
     from tokenizer.evaluation import evaluate_reconstruction, markdown_report, write_report
@@ -62,9 +62,7 @@ def evaluate(run: EvalReconRun, command: str | None = None) -> Path:
     tokenizer = load_tokenizer(run.tokenizer.checkpoint)
     dataset = select_dataset(run, tokenizer.config.preprocess)
     total = len(dataset) if run.max_images is None else min(len(dataset), run.max_images)
-    columns = (TextColumn("eval_recon"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not run.progress_bar) as bar:
-        task = bar.add_task("images", total=total)
+    with progress_bar("eval_recon", total, run.progress_bar) as advance:
         results = evaluate_reconstruction(
             tokenizer,
             dataset,
@@ -78,7 +76,7 @@ def evaluate(run: EvalReconRun, command: str | None = None) -> Path:
             num_grid=run.num_grid,
             kid_subsets=run.kid_subsets,
             max_bad_fraction=run.data.max_bad_fraction,
-            progress=lambda n: bar.advance(task, n),
+            progress=advance,
         )
     results.settings["checkpoint"] = str(run.tokenizer.checkpoint)
     results.settings["data"] = dataclasses.asdict(run.data)

@@ -22,6 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from tools.progress import progress_bar
 from tools.schemas import EvalUnderstandingRun, command_line, register
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,6 @@ def write_report(results, out_dir: str | Path, command: str) -> Path:
 def evaluate(run: EvalUnderstandingRun, command: str | None = None) -> Path:
     """Run the benchmark described by ``run`` (an :class:`~lm.evaluation.UnderstandingEvalConfig` itself);
     returns the report directory."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from lm.api import load_model
     from lm.evaluation import evaluate_understanding, held_out_items
@@ -138,12 +138,8 @@ def evaluate(run: EvalUnderstandingRun, command: str | None = None) -> Path:
     save_resolved_config(out / RUN_SUBDIR, dataclasses.asdict(run))
     model = load_model(run.model)
     total = len(held_out_items(model, run, run.num_images))
-    columns = (TextColumn("eval_understanding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not run.progress_bar) as bar:
-        task = bar.add_task("images", total=total)
-        results = evaluate_understanding(
-            model, run, device=run.device, progress=lambda n: bar.advance(task, n)
-        )
+    with progress_bar("eval_understanding", total, run.progress_bar) as advance:
+        results = evaluate_understanding(model, run, device=run.device, progress=advance)
     results.settings["model"] = str(run.model)
     command = command or command_line("tools.eval_understanding")
     write_report(results, out, command)

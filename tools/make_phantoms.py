@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tokenizer.data.phantoms import MODALITIES, PhantomDataset, phantom_questions
+from tools.progress import progress_bar
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,10 +63,8 @@ def write_phantoms(args: argparse.Namespace) -> Path:
     dataset = PhantomDataset(args.num, seed=args.seed, size=args.size, modalities=args.modalities)
     val = val_indices(args.num, args.split_fraction, args.seed)
     digits = max(6, len(str(args.num - 1)))
-    columns = (TextColumn("phantoms"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     manifest = out / "manifest.jsonl"
-    with manifest.open("w") as rows, Progress(*columns) as progress:
-        task = progress.add_task("phantoms", total=args.num)
+    with manifest.open("w") as rows, progress_bar("phantoms", args.num) as advance:
         for i in range(args.num):
             phantom = dataset.phantom(i)
             name = f"images/{i:0{digits}d}.png"
@@ -81,7 +79,7 @@ def write_phantoms(args: argparse.Namespace) -> Path:
                 "qa": [list(pair) for pair in qa],
             }
             rows.write(json.dumps(row) + "\n")
-            progress.advance(task)
+            advance()
     return manifest
 
 
