@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizer.distributed import world_size
 from tokenizer.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -517,7 +518,7 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     Without an initialised process group (or with one rank) returns ``(x, 0)``. Ranks may hold
     different numbers of rows. Gradients flow back to the local rows from every rank's use of them.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return x, 0
     n = torch.tensor([x.shape[0]], device=x.device)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]

@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tokenizer.distributed import world_size
+
 
 class LossGuard(nn.Module):
     """Judges each step's loss against the running mean of the losses it accepted before.
@@ -32,10 +34,10 @@ class LossGuard(nn.Module):
         The loss is averaged over ranks first (NaN anywhere is NaN everywhere), so every rank decides alike.
         """
         loss = loss.detach()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world_size() > 1:
             loss = loss.clone()
             dist.all_reduce(loss)
-            loss /= dist.get_world_size()
+            loss /= world_size()
         why = self.verdict(loss)
         if why is None:
             self.accept(loss)

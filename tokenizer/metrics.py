@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenizer.alignment import TeacherConfig, build_vision_teacher
+from tokenizer.distributed import world_size
 from tokenizer.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -448,7 +449,7 @@ class FIDAccumulator:
 
     def sync(self) -> None:
         """Merge the statistics (and kept features) of all ranks: once, on every rank, before computing."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if world_size() == 1:
             return
         for real, mine in self._moments.items():
             parts: list = [None] * dist.get_world_size()

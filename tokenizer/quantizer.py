@@ -25,6 +25,7 @@ from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 from vector_quantize_pytorch.vector_quantize_pytorch import rotate_to
 
 from tokenizer.config import QuantizerConfig
+from tokenizer.distributed import world_size
 from tokenizer.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ class MultiCodebookQuantizer(nn.Module):
         Decided per step: Lightning starts the process group after the model is built, so the library's
         choice at build time (``sync_codebook=None``) would never synchronise.
         """
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if world_size() == 1:
             return False
         return self.config.sync_codebook is not False
 
