@@ -52,19 +52,14 @@ from lm.metrics import (
     paired_cosine,
     question_kind,
     vqa_accuracy,
-    zero_shot_predict,
 )
 from tokenizer.api import detokenize
 from tokenizer.data.phantoms import (
-    INTENSITIES,
     MODALITIES,
-    REGIONS,
-    SIZES,
     Finding,
     PhantomDataset,
     answer_matches,
     canonical_findings,
-    caption_for,
     phantom_questions,
     read_phantom,
 )
@@ -72,6 +67,7 @@ from tokenizer.encode import PHANTOM_QA_STREAM
 from tokenizer.errors import InputError
 from tokenizer.evaluation import RELIABLE_FID_IMAGES, build_features, finite_json, resolve_device
 from tokenizer.metrics import FeatureExtractorConfig, FIDAccumulator
+from tokenizer.probe import zero_shot
 from tokenizer.shards import CodeShard
 
 log = logging.getLogger(__name__)
@@ -554,77 +550,22 @@ class UnderstandingResults:
         )
 
 
-def _random_findings(rng: np.random.Generator, count: int) -> tuple[Finding, ...]:
-    regions = rng.permutation(len(REGIONS))[:count]
-    return canonical_findings(
-        Finding(REGIONS[r], SIZES[int(rng.integers(2))], INTENSITIES[int(rng.integers(2))]) for r in regions
-    )
-
-
-def _class_embedding(model: UnifiedModel, captions: list[str]) -> torch.Tensor:
-    return torch.nn.functional.normalize(
-        model.image_tokenizer.embed_text(captions).float().mean(0).cpu(), dim=0
-    )
-
-
 def _zero_shot(
     model: UnifiedModel, cfg: UnderstandingEvalConfig, embeddings, truths
 ) -> dict[str, Any] | None:
-    """Modality and finding-present classification of (N, D) image embeddings against caption ensembles."""
+    """Zero-shot modality and finding-present classification (:func:`tokenizer.probe.zero_shot`)."""
     classes = list(cfg.modalities or MODALITIES)
     keep = [i for i, t in enumerate(truths) if t is not None and t[0] in classes]
     if not keep:
         return None
-    images, truths = torch.cat(embeddings)[keep], [truths[i] for i in keep]
-    rng, n = np.random.default_rng(cfg.seed), cfg.zero_shot_prompts
-    modality_emb = torch.stack(
-        [
-            _class_embedding(
-                model, [caption_for(m, _random_findings(rng, int(rng.integers(4))), rng) for _ in range(n)]
-            )
-            for m in classes
-        ]
+    return zero_shot(
+        model.image_tokenizer.embed_text,
+        torch.cat(embeddings)[keep],
+        [truths[i] for i in keep],
+        classes,
+        cfg.zero_shot_prompts,
+        cfg.seed,
     )
-    presence_emb = torch.stack(
-        [
-            _class_embedding(
-                model, [caption_for(classes[int(rng.integers(len(classes)))], (), rng) for _ in range(n)]
-            ),
-            _class_embedding(
-                model,
-                [
-                    caption_for(
-                        classes[int(rng.integers(len(classes)))],
-                        _random_findings(rng, int(rng.integers(1, 4))),
-                        rng,
-                    )
-                    for _ in range(n)
-                ],
-            ),
-        ]
-    )
-
-    def task(predicted: torch.Tensor, labels: list[int], names: list[str]) -> dict[str, Any]:
-        hits = (predicted == torch.tensor(labels)).double()
-        counts = np.bincount(labels, minlength=len(names))
-        recalls = [float(hits[torch.tensor(labels) == c].mean()) for c in range(len(names)) if counts[c]]
-        return {
-            "classes": names,
-            "n": len(labels),
-            "accuracy": float(hits.mean()),
-            "balanced_accuracy": float(np.mean(recalls)),
-            "majority_baseline": float(counts.max() / len(labels)),
-        }
-
-    return {
-        "modality": task(
-            zero_shot_predict(images, modality_emb), [classes.index(t[0]) for t in truths], classes
-        ),
-        "finding_present": task(
-            zero_shot_predict(images, presence_emb), [int(bool(t[1])) for t in truths], ["normal", "abnormal"]
-        ),
-        "prompts_per_class": n,
-    }
 
 
 def _answer_questions(

@@ -12,7 +12,8 @@
   (synonyms accepted), overall and per question kind.
 * :class:`AttributeAccuracy`: phantom attributes (modality, count, exact findings set) of read-back images
   or parsed captions against the truth; an unreadable output is wrong on every attribute.
-* :func:`zero_shot_predict`, :func:`paired_cosine`: classification and alignment through aligned embeddings.
+* :func:`paired_cosine`: image-text alignment through aligned embeddings (zero-shot lives in
+  :mod:`tokenizer.probe`).
 """
 
 from __future__ import annotations
@@ -268,18 +269,3 @@ def paired_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             f"paired_cosine: expected two (N, D) tensors of one shape, got {tuple(a.shape)}, {tuple(b.shape)}"
         )
     return F.cosine_similarity(a.float(), b.float(), dim=1)
-
-
-def zero_shot_predict(image_embeddings: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
-    """Index of the most cosine-similar class per image: (N, D), (C, D) -> (N,) long."""
-    if (
-        image_embeddings.ndim != 2
-        or class_embeddings.ndim != 2
-        or image_embeddings.shape[1] != class_embeddings.shape[1]
-    ):
-        raise InputError(
-            f"zero_shot_predict: expected (N, D) and (C, D), got {tuple(image_embeddings.shape)}, "
-            f"{tuple(class_embeddings.shape)}"
-        )
-    similarity = F.normalize(image_embeddings.float(), dim=1) @ F.normalize(class_embeddings.float(), dim=1).T
-    return similarity.argmax(dim=1)

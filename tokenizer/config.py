@@ -63,6 +63,9 @@ class QuantizerConfig:
     """VQ only: decay of the exponential moving average codebook update."""
     learnable_codebook: bool = False
     """VQ only: learn the codebook by gradient (codebook loss) instead of EMA; needs ``cosine=False``."""
+    library_train_step: bool = False
+    """VQ only: train through the library's ``VectorQuantize.forward`` instead of this package's equivalent
+    gather-based EMA step (same codes and updates, tested; the library's one-hot matmuls cost more on CPU)."""
     sync_codebook: bool | None = None
     """VQ only: all-reduce codebook statistics across processes; None = whenever a process group of more than
     one rank is running at that step."""

@@ -48,6 +48,7 @@ from tokenizer.metrics import (
     FIDAccumulator,
     LPIPSMetric,
     build_feature_extractor,
+    chroma_of,
     codebook_counts,
     codebook_stats_from_counts,
     psnr,
@@ -109,6 +110,9 @@ class GroupMetrics:
     """Phantoms: the same on the reconstructions."""
     reader_agreement: float | None = None
     """Phantoms: fraction of images whose reconstruction reads exactly like the original."""
+    gray_tint: float | None = None
+    """Grayscale originals stored in 3 equal channels: mean |channel - mean of channels| of the reconstruction,
+    [0, 1] units (0 = no colour cast); None when the group has no such image."""
 
 
 @dataclass
@@ -162,13 +166,14 @@ class _Group:
         self.real: list[torch.Tensor] = []
         self.fake: list[torch.Tensor] = []
         self.reader: list[tuple[bool, bool, bool]] = []
+        self.tint: list[torch.Tensor] = []
         self.counts = torch.zeros(num_codebooks, codebook_size, dtype=torch.long)
 
     @classmethod
     def merged(cls, groups: list[_Group]) -> _Group:
         out = cls(*groups[0].counts.shape)
         for g in groups:
-            for name in ("psnr", "ssim", "lpips", "real", "fake", "reader"):
+            for name in ("psnr", "ssim", "lpips", "real", "fake", "reader", "tint"):
                 getattr(out, name).extend(getattr(g, name))
             out.counts += g.counts
         return out
@@ -186,6 +191,8 @@ class _Group:
         stats = codebook_stats_from_counts(self.counts)
         reader = np.array(self.reader, dtype=np.float64).reshape(-1, 3)
         accuracy = reader.mean(0).tolist() if len(reader) else [None] * 3
+        tint = torch.cat(self.tint) if self.tint else torch.zeros(0)
+        tint = tint[tint.isfinite()]
         return GroupMetrics(
             n=n,
             psnr=float(p.mean()),
@@ -201,6 +208,7 @@ class _Group:
             reader_accuracy_original=accuracy[0],
             reader_accuracy_reconstruction=accuracy[1],
             reader_agreement=accuracy[2],
+            gray_tint=float(tint.mean()) if len(tint) else None,
         )
 
 
@@ -250,6 +258,10 @@ class _Evaluation:
         if self.lpips_net is not None:
             per_image["lpips"] = self.lpips_net(rec, x).float().cpu()
         per_image["real"], per_image["fake"] = self.feature_net(x).cpu(), self.feature_net(rec).cpu()
+        if x.shape[1] == 3:
+            gray = (x.amax(1) - x.amin(1)).flatten(1).amax(1) < 1e-3
+            tint = chroma_of(r01.float()).abs().mean(dim=(1, 2, 3))
+            per_image["tint"] = torch.where(gray, tint, torch.nan).cpu()
         reads = _reader_hits(x01.cpu(), r01.cpu(), indices, self.truth) if self.truth else None
         q = self.tokenizer.config.quantizer
         for name in dict.fromkeys(modalities):
@@ -453,13 +465,14 @@ def _row(name: str, m: GroupMetrics, codebook_size: int) -> str:
         f"{usage.mean():.1%} / {usage.min():.1%}",
         f"{perplexity.mean():.1f} / {codebook_size}",
         reader,
+        _fmt(m.gray_tint, ".4f"),
     ]
     return "| " + " | ".join(cells) + " |"
 
 
 _HEADER = (
     "| modality | n | PSNR (dB) | SSIM | LPIPS | rFID | KID | codebook usage (mean / min) "
-    "| perplexity (mean / V) | reader exact match (orig → recon) |"
+    "| perplexity (mean / V) | reader exact match (orig → recon) | gray tint |"
 )
 
 
@@ -467,7 +480,7 @@ def markdown_report(results: ReconResults, command: str) -> str:
     """The Markdown page of :func:`write_report`: command, table (one row per modality + overall), notes."""
     s, overall = results.settings, results.overall
     t = s["tokenizer"]
-    lines = ["# Reconstruction benchmark", "", "```", command, "```", "", _HEADER, "|---" * 10 + "|"]
+    lines = ["# Reconstruction benchmark", "", "```", command, "```", "", _HEADER, "|---" * 11 + "|"]
     lines += [_row(name, m, t["codebook_size"]) for name, m in results.per_modality.items()]
     lines += [_row("**overall**", overall, t["codebook_size"]), "", "Per sub-codebook (overall):", ""]
     lines += ["| k | usage | perplexity |", "|---|---|---|"]
@@ -488,6 +501,7 @@ def markdown_report(results: ReconResults, command: str) -> str:
         f"- rFID is biased upwards below {RELIABLE_FID_IMAGES} images per group{bias}.",
         "- KID: mean ± std over random subsets of min(1000, n) images (n ≤ 1000: every subset is all images).",
         "- Reader (phantoms only): the analytic reader's exact match of modality and all findings with the truth.",
+        "- Gray tint: on grayscale originals, mean |channel − mean of channels| of the reconstruction ([0, 1]; 0 = none).",
         f"- Rows skipped: {results.num_bad}{skipped}.",
         f"- {s['device']}, {s['autocast']}, {s['seconds']} s ({s['images_per_second']} images/s).",
         "",

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizer.errors import InputError
+from tokenizer.metrics import chroma_of
 
 # torchvision VGG16 ``features`` index -> LPIPS slice holding it (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3)
 _VGG_SLICE_STARTS = (0, 4, 9, 16, 23, 30)
@@ -33,6 +34,10 @@ class LossConfig:
     """Weight of the mean absolute pixel error."""
     l2_weight: float = 1.0
     """Weight of the mean squared pixel error."""
+    chroma_weight: float = 0.0
+    """Weight of the colour error: mean |c(x_hat) - c(x)| with c(x) = x - its channel mean (3-channel images
+    only). It penalises a tint on grayscale scans, which plain pixel losses leave in when colour modalities
+    share the codes."""
     lpips_weight: float = 1.0
     """Weight of the LPIPS perceptual distance (0 skips building the VGG network)."""
     lpips_weights: str | None = None
@@ -54,6 +59,7 @@ class LossConfig:
         for name in (
             "l1_weight",
             "l2_weight",
+            "chroma_weight",
             "lpips_weight",
             "vq_weight",
             "gan_weight",
@@ -166,8 +172,9 @@ class LPIPSLoss(nn.Module):
 class ReconstructionLoss(nn.Module):
     """Pixel + perceptual reconstruction loss.
 
-    L = w1 * mean|x_hat - x| + w2 * mean (x_hat - x)^2 + wp * LPIPS(x_hat, x), with
-    (w1, w2, wp) = (0.2, 1.0, 1.0) by default (``LossConfig``). Pixel terms are computed in fp32.
+    L = w1 * mean|x_hat - x| + w2 * mean (x_hat - x)^2 + wc * mean|c(x_hat) - c(x)| + wp * LPIPS(x_hat, x),
+    with c(x) = x - mean over channels (colour only, 3-channel images) and (w1, w2, wc, wp) = (0.2, 1.0, 0, 1.0)
+    by default (``LossConfig``). Pixel terms are computed in fp32.
     """
 
     def __init__(self, config: LossConfig | None = None) -> None:
@@ -189,6 +196,10 @@ class ReconstructionLoss(nn.Module):
         l2 = F.mse_loss(rec, tgt)
         total = self.config.l1_weight * l1 + self.config.l2_weight * l2
         parts = {"l1": l1.detach(), "l2": l2.detach()}
+        if self.config.chroma_weight > 0 and rec.shape[1] == 3:
+            chroma = (chroma_of(rec) - chroma_of(tgt)).abs().mean()
+            total = total + self.config.chroma_weight * chroma
+            parts["chroma"] = chroma.detach()
         if self.lpips is not None:
             perceptual = self.lpips(reconstruction, target)
             total = total + self.config.lpips_weight * perceptual

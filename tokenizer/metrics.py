@@ -38,6 +38,11 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, what: str) -> tuple[torch.Tens
     return (x[None], y[None]) if x.ndim == 3 else (x, y)
 
 
+def chroma_of(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> each channel minus the mean over channels: zero everywhere for a grayscale image."""
+    return images - images.mean(dim=1, keepdim=True)
+
+
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float) -> torch.Tensor:
     """Peak signal-to-noise ratio per image, 10·log10(R² / MSE), in dB.
 

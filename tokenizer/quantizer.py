@@ -180,7 +180,9 @@ class MultiCodebookQuantizer(nn.Module):
                 codes = self.codes(z)
                 quantized = self.embed(codes)
                 loss = self._eval_loss(z, quantized)
-            elif self.config.kind == "vq" and not self.config.learnable_codebook:
+            elif self.config.kind == "vq" and not (
+                self.config.learnable_codebook or self.config.library_train_step
+            ):
                 quantized, codes, loss = self._vq_train_forward(z)
             else:
                 quantized, codes, loss = self._library_forward(z)

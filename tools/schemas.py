@@ -148,6 +148,29 @@ class EvalReconRun:
 
 
 @dataclass
+class EvalAlignmentRun:
+    """``tools/eval_alignment.py``: what a tokenizer's tokens know about phantom modality and findings."""
+
+    tokenizer: TokenizerRef = field(default_factory=lambda: TokenizerRef(checkpoint=MISSING))
+    """The trained tokenizer (``tokenizer.checkpoint=DIR``, required)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(kind="phantoms", num_train=1000, num_val=500))
+    """Phantoms only (the tasks need their truth): the probe trains on ``num_train`` images of ``seed`` and
+    everything is scored on ``num_val`` held-out images of ``seed + 1``."""
+    out: str = MISSING
+    """Report directory (required): metrics.json and metrics.md."""
+    prompts: int = 16
+    """Zero-shot: captions averaged into each class embedding."""
+    device: str = "auto"
+    """"auto" (CUDA when present), "cpu", "cuda", ..."""
+    progress_bar: bool = True
+    """Rich progress bar with ETA."""
+
+    def __post_init__(self) -> None:
+        if self.prompts < 1:
+            raise ValueError(f"prompts must be >= 1, got {self.prompts}")
+
+
+@dataclass
 class EvalGenerationRun(GenerationEvalConfig):
     """``tools/eval_generation.py``: the text→image benchmark of a trained LM (DESIGN §7).
 
@@ -193,6 +216,7 @@ def register() -> None:
     cs.store(group="schema", name="train_tokenizer", node=TrainTokenizerRun)
     cs.store(group="schema", name="encode_dataset", node=EncodeRun)
     cs.store(group="schema", name="eval_recon", node=EvalReconRun)
+    cs.store(group="schema", name="eval_alignment", node=EvalAlignmentRun)
     cs.store(group="schema", name="data", node=DataConfig)
     cs.store(group="schema", name="trainer", node=TrainerConfig)
     cs.store(group="schema", name="tokenizer", node=TokenizerConfig)

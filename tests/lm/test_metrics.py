@@ -17,7 +17,6 @@ from lm.metrics import (
     rouge_l,
     text_tokens,
     vqa_accuracy,
-    zero_shot_predict,
 )
 from tokenizer.data.phantoms import Finding, PhantomDataset, phantom_questions
 from tokenizer.errors import InputError
@@ -146,13 +145,8 @@ def test_caption_attributes():
     )
 
 
-def test_zero_shot_and_paired_cosine():
-    classes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    images = torch.tensor([[3.0, 1.0], [0.1, 2.0], [-1.0, 0.5]])
-    assert zero_shot_predict(images, classes).tolist() == [0, 1, 1]
+def test_paired_cosine():
     cos = paired_cosine(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[2.0, 0.0], [-1.0, -1.0]]))
     assert cos.tolist() == pytest.approx([1.0, -1.0])
-    with pytest.raises(InputError):
-        zero_shot_predict(images, torch.zeros(2, 3))
     with pytest.raises(InputError):
         paired_cosine(torch.zeros(2, 3), torch.zeros(3, 3))

@@ -100,6 +100,16 @@ def test_reconstruction_loss_formula():
         ReconstructionLoss(cfg)(x, y[:1])
 
 
+def test_chroma_loss_penalises_a_tint_on_grayscale_but_not_a_gray_shift():
+    gray = torch.rand(2, 1, 8, 8).expand(2, 3, 8, 8) * 2 - 1
+    cfg = LossConfig(l1_weight=0.0, l2_weight=0.0, chroma_weight=1.0, lpips_weight=0.0)
+    tint = gray + torch.tensor([0.3, 0.0, 0.0]).view(1, 3, 1, 1)
+    out = ReconstructionLoss(cfg)(tint, gray)
+    torch.testing.assert_close(out["chroma"], torch.tensor((0.2 + 0.1 + 0.1) / 3))  # 0.3 - 0.1, -0.1, -0.1
+    torch.testing.assert_close(ReconstructionLoss(cfg)(gray + 0.3, gray)["loss"], torch.tensor(0.0))
+    assert "chroma" not in ReconstructionLoss(cfg)(gray[:, :1], gray[:, :1])  # one channel: no colour term
+
+
 def test_reconstruction_loss_adds_lpips():
     x, y = _pair()
     loss = ReconstructionLoss(LossConfig(l1_weight=0.0, l2_weight=0.0, lpips_weight=2.0))

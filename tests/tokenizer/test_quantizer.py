@@ -186,6 +186,19 @@ def test_quantizer_config_validation(overrides, message):
         QuantizerConfig(**overrides)
 
 
+def test_library_train_step_switch_gives_the_same_forward(monkeypatch):
+    """``library_train_step`` routes training through VectorQuantize.forward; results equal the fast step."""
+    fast = MultiCodebookQuantizer(QuantizerConfig(**SMALL)).train()
+    library = copy.deepcopy(fast)
+    library.config = QuantizerConfig(**SMALL, library_train_step=True)
+    calls = []
+    monkeypatch.setattr(library, "_vq_train_forward", lambda z: calls.append(z))
+    z = _latent(fast.config)
+    a, b = fast(z), library(z)
+    assert not calls and torch.equal(a.codes, b.codes)
+    torch.testing.assert_close(a.quantized, b.quantized, rtol=0, atol=1e-6)
+
+
 def test_learnable_codebook_trains_through_library():
     cfg = QuantizerConfig(**SMALL, cosine=False, learnable_codebook=True)
     quantizer = MultiCodebookQuantizer(cfg).train()
