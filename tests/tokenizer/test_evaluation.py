@@ -133,7 +133,9 @@ def test_rfid_and_reader_match_direct_computation(results, direct, dataset):
 def test_batching_does_not_change_numbers_and_grids_are_capped(tokenizer, dataset, results, lpips_net):
     again = evaluate_reconstruction(tokenizer, dataset, batch_size=NUM, lpips=lpips_net, num_grid=2)
     first = results.to_dict()["per_modality"]
-    for name, metrics in again.to_dict()["per_modality"].items():  # conv sums differ by batch in the last bits
+    for name, metrics in again.to_dict()[
+        "per_modality"
+    ].items():  # conv sums differ by batch in the last bits
         for key, value in metrics.items():
             expected = first[name][key]
             assert value == (None if expected is None else pytest.approx(expected, rel=1e-5)), key
