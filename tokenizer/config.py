@@ -306,13 +306,18 @@ def _tiny() -> TokenizerConfig:
 
 
 def _small() -> TokenizerConfig:
-    """CPU demo: 128 px, CNN, 8x down -> 16x16 grid, K=8 x V=1024 x d=8."""
+    """CPU demo: 128 px, CNN with a 4x space-to-depth stem, 8x down -> 16x16 grid, K=8 x V=1024 x d=8.
+
+    Wide and shallow on purpose: on phantoms at 128², 400 steps give 24.6 dB against 20.9 dB for the narrow
+    four-level (8, 16, 32, 64) network it replaced, at 10% less time per step (docs/BENCHMARKS.md).
+    """
     return TokenizerConfig(
         architecture="cnn",
         preprocess=PreprocessConfig(image_size=128, channels=3),
         quantizer=QuantizerConfig(num_codebooks=8, codebook_size=1024, codebook_dim=8),
         downsample=8,
-        channels=(8, 16, 32, 64),
+        patch_size=4,
+        channels=(64, 128),
         num_res_blocks=1,
     )
 

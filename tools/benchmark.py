@@ -60,6 +60,9 @@ import torch  # noqa: E402
 
 from tools.trainer import cpu_has_bf16  # noqa: E402
 
+SECTIONS = ("tokenizer", "quantizer", "lm", "training")
+"""What one run can measure; ``--sections`` picks some."""
+
 DECODE_PROMPT_LEN = 21
 """<bos> + 20 text ids: the prompt of every decode timing."""
 
@@ -423,21 +426,28 @@ def _train_row(name: str, preset: str, batch: int, seconds: float, tokens: int, 
 
 
 # ----------------------------------------------------------------------------------------------- run
-def run_device(plan: Plan, device: torch.device, peak_tflops: float) -> dict:
-    """Every section on one device."""
+def run_device(plan: Plan, device: torch.device, peak_tflops: float, sections=SECTIONS) -> dict:
+    """The chosen sections (default: all of :data:`SECTIONS`) on one device."""
     clock = Clock(device, plan.reps)
     bf16 = device.type == "cuda" or cpu_has_bf16()
     infer_bf16 = device.type == "cuda"  # CPU inference stays fp32 (small bf16 matmuls are slower there)
     result = {"training_bf16": bf16, "inference_bf16": infer_bf16}
     for name, fn in (("tokenizer", bench_tokenizer), ("quantizer", bench_quantizer)):
-        print(f"[{device}] {name} ...", flush=True)
-        result[name] = fn(plan, clock)
+        if name in sections:
+            print(f"[{device}] {name} ...", flush=True)
+            result[name] = fn(plan, clock)
+    if "lm" not in sections and "training" not in sections:
+        return result
     model, hf = build_lm(plan, device)
-    print(f"[{device}] lm ...", flush=True)
-    result["lm_prefill"] = [bench_prefill(model, hf, b, clock, infer_bf16, peak_tflops) for b in plan.batches]
-    result["lm_decode"] = bench_decode(plan, model, hf, clock, infer_bf16)
-    print(f"[{device}] training ...", flush=True)
-    result["training"] = bench_training(plan, model, clock, bf16, peak_tflops)
+    if "lm" in sections:
+        print(f"[{device}] lm ...", flush=True)
+        result["lm_prefill"] = [
+            bench_prefill(model, hf, b, clock, infer_bf16, peak_tflops) for b in plan.batches
+        ]
+        result["lm_decode"] = bench_decode(plan, model, hf, clock, infer_bf16)
+    if "training" in sections:
+        print(f"[{device}] training ...", flush=True)
+        result["training"] = bench_training(plan, model, clock, bf16, peak_tflops)
     return result
 
 
@@ -445,9 +455,12 @@ def bars(results: dict) -> list[dict]:
     """The issue's acceptance ratios as measured in this run (they are set for the full run's sizes)."""
     out = []
     for device, r in results.items():
-        worst = max(q["fast_over_baseline"] for q in r["quantizer"])
-        out.append({"device": device, "bar": "quantizer look-up / bare matmul+argmax <= 1.5", "value": worst})
-        for row in r["lm_decode"]:
+        if "quantizer" in r:
+            worst = max(q["fast_over_baseline"] for q in r["quantizer"])
+            out.append(
+                {"device": device, "bar": "quantizer look-up / bare matmul+argmax <= 1.5", "value": worst}
+            )
+        for row in r.get("lm_decode", []):
             for ref in ("hf_positions", "hf_subcodes"):
                 if row["batch"] == 8 and row["cfg_scale"] != 1.0 and row[f"speedup_vs_{ref}"] is not None:
                     bar = f"decode speed-up vs {ref}, batch 8 + guidance >= 1.5"
@@ -512,6 +525,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--presets", nargs="+", choices=("tiny", "small", "base", "large"), help="tokenizer presets"
     )
+    p.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=SECTIONS, help="what to measure (default all)"
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes only (the test suite's run)")
     p.add_argument("--reps", type=int, help="best of this many timed runs (default 2)")
     p.add_argument(
@@ -539,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     out = args.out or Path("outputs/benchmark") / datetime.now().strftime("%Y%m%d-%H%M%S")
     start = time.perf_counter()
-    results = {d: run_device(plan, torch.device(d), args.peak_tflops) for d in devices}
+    results = {d: run_device(plan, torch.device(d), args.peak_tflops, args.sections) for d in devices}
     report = {"meta": metadata(args, plan, argv), "results": results}
     report["meta"]["seconds"] = round(time.perf_counter() - start, 1)
     report["bars"] = bars(results)

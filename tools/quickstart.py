@@ -69,6 +69,7 @@ def train_tokenizer(v: Variant, stages: Path, device: str) -> Path:
         "loss.lpips_weight=0",  # LPIPS-VGG costs 10x a CPU step; on a GPU, drop this override
         "loss.gan_weight=0",
         "optim.warmup_steps=50",
+        "optim.lr=1e-3",  # 2x the MedITok default: better in short runs (docs/BENCHMARKS.md)
         f"tokenizer.preprocess.image_size={v.image_size}",
     ]
     visual, text = stages / "tokenizer_visual", stages / "tokenizer_text"

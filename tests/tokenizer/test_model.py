@@ -126,7 +126,7 @@ def test_create_config_overrides():
     [
         ({"architecture": "unet"}, "architecture"),
         ({"downsample": 64}, "not divisible"),
-        ({"channels": (8, 16, 32, 64)}, "resolution levels"),
+        ({"channels": (8, 16, 32, 64, 128)}, "resolution levels"),
         ({"embed_dim": 0}, "embed_dim"),
         ({"decoder_width": 30, "decoder_heads": 4}, "decoder_width"),
         ({"version": 99}, "version"),
@@ -142,7 +142,8 @@ def test_tokenizer_config_validation(overrides, message):
 def test_configs_are_hydra_structured_schemas():
     node = OmegaConf.structured(PRESETS["small"]())
     restored = OmegaConf.to_object(node)
-    assert isinstance(restored, TokenizerConfig) and restored.channels == (8, 16, 32, 64)
+    assert isinstance(restored, TokenizerConfig) and restored.channels == (64, 128)
+    assert restored.patch_size == 4
 
 
 # ---- model -------------------------------------------------------------------------------------

@@ -61,6 +61,14 @@ def test_script_mode_imports_the_repository(tmp_path):
     assert "--quick" in proc.stdout and "--peak-tflops" in proc.stdout
 
 
+def test_sections_pick_what_is_measured(tmp_path):
+    argv = ["--quick", "--device", "cpu", "--reps", "1", "--sections", "tokenizer", "--out", str(tmp_path)]
+    assert benchmark.main(argv) == 0
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    measured = {k for k, v in report["results"]["cpu"].items() if isinstance(v, list)}
+    assert measured == {"tokenizer"} and report["bars"] == []
+
+
 def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--reps", "0"])
