@@ -176,23 +176,32 @@ def _quiet_transformers():
 @functools.lru_cache(maxsize=4)
 def phantom_text_corpus(num_images: int = 1000, seed: int = 0) -> tuple[str, ...]:
     """Captions and VQA text of ``num_images`` random phantom findings, plus the fixed prompt phrasings."""
-    from tokenizer.data import phantoms as ph
+    from tokenizer.data.phantom_text import caption_for, phantom_questions
+    from tokenizer.data.phantom_vocab import (
+        INTENSITIES,
+        MODALITIES,
+        REGIONS,
+        SIZES,
+        Finding,
+        Phantom,
+        canonical_findings,
+    )
 
     rng = np.random.default_rng(seed)
     texts: list[str] = list(IMAGE_TO_TEXT_INSTRUCTIONS)
-    for m in (*ph.MODALITIES, DEFAULT_MODALITY):
+    for m in (*MODALITIES, DEFAULT_MODALITY):
         texts += [t.format(modality=m, caption="") for t in TEXT_TO_IMAGE_TEMPLATES]
     for i in range(num_images):
-        modality = ph.MODALITIES[i % len(ph.MODALITIES)]
-        regions = rng.permutation(len(ph.REGIONS))[: int(rng.integers(4))]
+        modality = MODALITIES[i % len(MODALITIES)]
+        regions = rng.permutation(len(REGIONS))[: int(rng.integers(4))]
         sizes, levels = rng.integers(2, size=4), rng.integers(2, size=4)
-        findings = ph.canonical_findings(
-            ph.Finding(ph.REGIONS[r], ph.SIZES[sizes[r]], ph.INTENSITIES[levels[r]]) for r in regions
+        findings = canonical_findings(
+            Finding(REGIONS[r], SIZES[sizes[r]], INTENSITIES[levels[r]]) for r in regions
         )
-        caption = ph.caption_for(modality, findings, rng)
-        phantom = ph.Phantom(np.zeros((1, 1), np.float32), modality, findings, caption, i)
+        caption = caption_for(modality, findings, rng)
+        phantom = Phantom(np.zeros((1, 1), np.float32), modality, findings, caption, i)
         texts.append(caption)
-        texts += [t for qa in ph.phantom_questions(phantom, rng) for t in qa]
+        texts += [t for qa in phantom_questions(phantom, rng) for t in qa]
     return tuple(texts)
 
 

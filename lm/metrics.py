@@ -8,7 +8,7 @@
 * :func:`rouge_l`: ROUGE-L (Lin 2004) of one sentence: LCS-based F-measure ``(1 + b²) P R / (R + b² P)`` with
   ``P = LCS / len(hypothesis)``, ``R = LCS / len(reference)``, b = 1 (the ``rouge-score`` package's F1);
   the best reference counts. Tokens: lower-cased words, punctuation dropped.
-* :func:`vqa_accuracy`: closed-question accuracy with :func:`~tokenizer.data.phantoms.answer_matches`
+* :func:`vqa_accuracy`: closed-question accuracy with :func:`~tokenizer.data.phantom_text.answer_matches`
   (synonyms accepted), overall and per question kind.
 * :class:`AttributeAccuracy`: phantom attributes (modality, count, exact findings set) of read-back images
   or parsed captions against the truth; an unreadable output is wrong on every attribute.
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenizer.data.phantoms import Finding, answer_matches, parse_caption
+from tokenizer.data.phantom_text import answer_matches, parse_caption
+from tokenizer.data.phantom_vocab import Finding
 from tokenizer.errors import InputError
 
 _WORD_OR_MARK = re.compile(r"\w+|[^\w\s]")
@@ -146,7 +147,7 @@ def mean_rouge_l(
 
 
 # ------------------------------------------------------------------------------------------------- VQA
-_QUESTION_KINDS = (  # first match wins; the phrasings of tokenizer.data.phantoms.phantom_questions
+_QUESTION_KINDS = (  # first match wins; the phrasings of tokenizer.data.phantom_text.phantom_questions
     ("modality", re.compile(r"\bmodality\b")),
     ("count", re.compile(r"^how many\b")),
     ("presence", re.compile(r"^is there\b")),
@@ -167,7 +168,7 @@ def vqa_accuracy(
 ) -> dict:
     """Closed VQA accuracy: ``{"accuracy", "n", "per_kind": {kind: {"accuracy", "n"}}}``.
 
-    A prediction is right when :func:`~tokenizer.data.phantoms.answer_matches` accepts it (synonyms, case
+    A prediction is right when :func:`~tokenizer.data.phantom_text.answer_matches` accepts it (synonyms, case
     and punctuation ignored); an empty or off-vocabulary answer is wrong. ``per_kind`` needs ``questions``.
     Accuracies are None for n = 0.
     """

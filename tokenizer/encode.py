@@ -48,7 +48,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from tokenizer.checkpoint import CONFIG_NAME, FORMAT, FORMAT_VERSION
 from tokenizer.data.datasets import BadRowTracker, BadSample, ManifestDataset, collate_samples
-from tokenizer.data.phantoms import PhantomDataset, phantom_questions
+from tokenizer.data.phantom_text import phantom_questions
+from tokenizer.data.phantoms import PhantomDataset
 from tokenizer.errors import InputError
 from tokenizer.model import ImageTokenizer
 from tokenizer.shards import INDEX_NAME, PART_PATTERN, ShardWriter

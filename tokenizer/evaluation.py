@@ -40,7 +40,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from tokenizer.data.datasets import BadRowTracker, collate_samples
-from tokenizer.data.phantoms import PhantomDataset, read_phantom
+from tokenizer.data.phantom_reader import read_phantom
+from tokenizer.data.phantoms import PhantomDataset
 from tokenizer.errors import InputError
 from tokenizer.metrics import (
     FeatureExtractor,
@@ -341,7 +342,7 @@ def evaluate_reconstruction(
     Args:
         tokenizer: the model; moved to ``device`` and put in eval mode for the run (its mode is restored).
         dataset: items ``{"image": (C, H, W) in [-1, 1], "modality", "index", ...}`` or ``BadSample``
-            (the datasets of :func:`tokenizer.data.datasets.build_dataset`); read in order, unshuffled.
+            (the datasets of :func:`tokenizer.data.datamodule.build_dataset`); read in order, unshuffled.
         batch_size: images per forward pass.
         features: FID feature network (config or built); None = the "random" network (weights random).
         lpips: LPIPS metric (config or built); None = LPIPS with a random AlexNet backbone;

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenizer.data.phantoms import (
+from tokenizer.data.phantom_text import caption_for
+from tokenizer.data.phantom_vocab import (
     INTENSITIES,
     MODALITIES,
     REGIONS,
     SIZES,
     Finding,
     canonical_findings,
-    caption_for,
 )
 from tokenizer.errors import InputError
 

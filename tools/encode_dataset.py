@@ -51,7 +51,7 @@ def build_writer(run: EncodeRun, tokenizer, dataset):
 def encode(run: EncodeRun) -> Path:
     """Encode ``run.data`` into the shard ``run.out``; returns the shard directory."""
     from tokenizer.checkpoint import load_tokenizer
-    from tokenizer.data.datasets import build_dataset
+    from tokenizer.data.datamodule import build_dataset
     from tokenizer.encode import EncodeDataModule, EncodeSystem
     from tools.trainer import build_trainer, save_resolved_config
 

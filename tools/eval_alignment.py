@@ -91,8 +91,8 @@ def evaluate(run: EvalAlignmentRun, command: str | None = None) -> dict[str, Any
     import torch
 
     from tokenizer.checkpoint import load_tokenizer
-    from tokenizer.data.datasets import build_dataset
-    from tokenizer.data.phantoms import MODALITIES
+    from tokenizer.data.datamodule import build_dataset
+    from tokenizer.data.phantom_vocab import MODALITIES
     from tokenizer.evaluation import finite_json, resolve_device
     from tokenizer.probe import probe_tasks, zero_shot
 

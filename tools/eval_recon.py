@@ -34,7 +34,7 @@ RUN_SUBDIR = ".eval"
 
 def select_dataset(run: EvalReconRun, preprocess):
     """The evaluation dataset: the ``val`` role, or for file kinds without ``val_path`` the ``path``."""
-    from tokenizer.data.datasets import build_dataset
+    from tokenizer.data.datamodule import build_dataset
 
     dataset = build_dataset(run.data, preprocess, "val")
     if dataset is None and run.data.kind in ("folder", "volume", "stream"):

@@ -115,7 +115,7 @@ def _notes(data: dict) -> list[str]:
 
 def write_report(results, out_dir: str | Path, command: str) -> Path:
     """Write ``metrics.json``, ``metrics.md``, ``reports.jsonl`` and ``reports.png``; returns ``out_dir``."""
-    from lm.evaluation import save_figure, write_outputs
+    from lm.report import save_figure, write_outputs
 
     data = {"command": command, **results.to_dict()}
     out = write_outputs(out_dir, data, markdown_report(data), results.samples, "reports.jsonl")
@@ -127,11 +127,12 @@ def write_report(results, out_dir: str | Path, command: str) -> Path:
 
 
 def evaluate(run: EvalUnderstandingRun, command: str | None = None) -> Path:
-    """Run the benchmark described by ``run`` (an :class:`~lm.evaluation.UnderstandingEvalConfig` itself);
+    """Run the benchmark described by ``run`` (an :class:`~lm.held_out.UnderstandingEvalConfig` itself);
     returns the report directory."""
 
     from lm.api import load_model
-    from lm.evaluation import evaluate_understanding, held_out_items
+    from lm.evaluation import evaluate_understanding
+    from lm.held_out import held_out_items
     from tools.trainer import save_resolved_config
 
     out = Path(run.out)

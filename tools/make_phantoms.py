@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tokenizer.data.phantoms import MODALITIES, PhantomDataset, phantom_questions
+from tokenizer.data.phantom_text import phantom_questions
+from tokenizer.data.phantom_vocab import MODALITIES
+from tokenizer.data.phantoms import PhantomDataset
 from tools.progress import progress_bar
 
 

@@ -20,7 +20,7 @@ import sys
 import time
 
 from tokenizer.data.intensity import PreprocessConfig
-from tokenizer.data.phantoms import MODALITIES
+from tokenizer.data.phantom_vocab import MODALITIES
 from tokenizer.errors import InputError
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenizer.data.phantoms import Phantom
+from tokenizer.data.phantom_vocab import Phantom
 from tokenizer.errors import InputError
 
 PREFERRED_VARIANTS = ("full", "fast")

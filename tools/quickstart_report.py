@@ -24,12 +24,8 @@ def evaluate_and_report(
 
     begin = time.perf_counter()
     import lm
-    from lm.evaluation import (
-        GenerationEvalConfig,
-        UnderstandingEvalConfig,
-        evaluate_generation,
-        evaluate_understanding,
-    )
+    from lm.evaluation import evaluate_generation, evaluate_understanding
+    from lm.held_out import GenerationEvalConfig, UnderstandingEvalConfig
     from tokenizer.data.phantoms import PhantomDataset
     from tokenizer.evaluation import LPIPSConfig, evaluate_reconstruction, write_report
     from tools.eval_generation import write_report as write_generation

@@ -15,12 +15,12 @@ from omegaconf import MISSING
 from lm.config import PRESETS as LM_PRESETS
 from lm.config import LMConfig
 from lm.data import LMDataConfig
-from lm.evaluation import GenerationEvalConfig, UnderstandingEvalConfig
+from lm.held_out import GenerationEvalConfig, UnderstandingEvalConfig
 from lm.system import LMOptimConfig
 from tokenizer.alignment import AlignmentConfig
 from tokenizer.config import PRESETS as TOKENIZER_PRESETS
 from tokenizer.config import TokenizerConfig
-from tokenizer.data.datasets import DataConfig
+from tokenizer.data.datamodule import DataConfig
 from tokenizer.discriminator import DiscriminatorConfig
 from tokenizer.encode import TokenizerRef
 from tokenizer.evaluation import LPIPSConfig
@@ -174,7 +174,7 @@ class EvalAlignmentRun:
 class EvalGenerationRun(GenerationEvalConfig):
     """``tools/eval_generation.py``: the text→image benchmark of a trained LM (DESIGN §7).
 
-    Every field of :class:`~lm.evaluation.GenerationEvalConfig` (``num_prompts``, ``cfg_scales``, ``features``,
+    Every field of :class:`~lm.held_out.GenerationEvalConfig` (``num_prompts``, ``cfg_scales``, ``features``,
     ...) is a top-level key, plus the ones below."""
 
     model: str = MISSING
@@ -191,7 +191,7 @@ class EvalGenerationRun(GenerationEvalConfig):
 class EvalUnderstandingRun(UnderstandingEvalConfig):
     """``tools/eval_understanding.py``: the image→text benchmark of a trained LM (DESIGN §7).
 
-    Every field of :class:`~lm.evaluation.UnderstandingEvalConfig` (``num_images``, ``vqa``, ...) is a
+    Every field of :class:`~lm.held_out.UnderstandingEvalConfig` (``num_images``, ``vqa``, ...) is a
     top-level key, plus the ones below."""
 
     model: str = MISSING

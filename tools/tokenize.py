@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def collect_items(args: argparse.Namespace) -> tuple[list[Item], list[dict]]:
     """The images to tokenize and the manifest lines already known to be bad."""
-    from tokenizer.data.datasets import read_manifest
+    from tokenizer.data.manifest import read_manifest
 
     if not args.manifest:
         return [Item(Path(p), args.modality, args.window, args.slice) for p in args.files], []

@@ -72,7 +72,7 @@ def train(run: TrainTokenizerRun) -> Path:
     """Train one stage; returns the exported tokenizer directory."""
     import lightning as L
 
-    from tokenizer.data.datasets import ImageDataModule
+    from tokenizer.data.datamodule import ImageDataModule
     from tools.trainer import build_trainer, last_checkpoint, save_resolved_config
 
     run_dir = Path(run.run_dir)

@@ -1,4 +1,4 @@
-"""lm/evaluation.py: held-out items, a perfect "model" scores 100%, bad outputs count as wrong, determinism."""
+"""lm/evaluation.py and lm/held_out.py: held-out items, a perfect "model" scores 100%, bad outputs count as wrong, determinism."""
 
 import json
 import math
@@ -10,14 +10,8 @@ import torch
 import lm
 import lm.evaluation as ev
 from lm.data import text_to_image_prompt
-from lm.evaluation import (
-    GenerationEvalConfig,
-    PhantomItems,
-    ShardItems,
-    UnderstandingEvalConfig,
-    evaluate_generation,
-    evaluate_understanding,
-)
+from lm.evaluation import evaluate_generation, evaluate_understanding
+from lm.held_out import GenerationEvalConfig, PhantomItems, ShardItems, UnderstandingEvalConfig
 from tokenizer.alignment import TextEncoderConfig
 from tokenizer.api import create_tokenizer
 from tokenizer.data.phantoms import PhantomDataset

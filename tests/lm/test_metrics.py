@@ -18,7 +18,9 @@ from lm.metrics import (
     text_tokens,
     vqa_accuracy,
 )
-from tokenizer.data.phantoms import Finding, PhantomDataset, phantom_questions
+from tokenizer.data.phantom_text import phantom_questions
+from tokenizer.data.phantom_vocab import Finding
+from tokenizer.data.phantoms import PhantomDataset
 from tokenizer.errors import InputError
 
 

@@ -13,7 +13,8 @@ from lm.text_tokenizer import TextTokenizer
 from lm.vocab import Vocab
 from tokenizer.api import create_tokenizer
 from tokenizer.checkpoint import load_tokenizer, save_tokenizer
-from tokenizer.data.phantoms import PhantomDataset, phantom_questions
+from tokenizer.data.phantom_text import phantom_questions
+from tokenizer.data.phantoms import PhantomDataset
 from tokenizer.shards import CodeShard, ShardWriter
 from tools.trainer import TrainerConfig, build_trainer
 

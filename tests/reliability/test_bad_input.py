@@ -45,9 +45,10 @@ from PIL import Image
 from lm.sequence import REASONS, RecordRejected, build_sequence
 from lm.vocab import Vocab
 from tokenizer.api import create_tokenizer, tokenize_image
-from tokenizer.data.datasets import ManifestDataset, read_manifest
+from tokenizer.data.datasets import ManifestDataset
 from tokenizer.data.intensity import PreprocessConfig
 from tokenizer.data.io import read_image
+from tokenizer.data.manifest import read_manifest
 from tokenizer.errors import InputError
 
 DICOM_DIR = Path(pydicom.__file__).parent / "data" / "test_files"  # listed, never get_testdata_files

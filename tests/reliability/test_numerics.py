@@ -21,7 +21,7 @@ import lm
 from tokenizer.alignment import AlignmentConfig
 from tokenizer.api import create_tokenizer
 from tokenizer.config import QuantizerConfig, create_config
-from tokenizer.data.datasets import DataConfig, ImageDataModule
+from tokenizer.data.datamodule import DataConfig, ImageDataModule
 from tokenizer.guard import LossGuard
 from tokenizer.losses import LossConfig
 from tokenizer.quantizer import MultiCodebookQuantizer

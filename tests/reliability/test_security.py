@@ -32,8 +32,9 @@ import torch
 import lm
 from tokenizer.api import create_tokenizer
 from tokenizer.checkpoint import load_tokenizer, save_tokenizer
-from tokenizer.data.datasets import ManifestDataset, read_manifest
+from tokenizer.data.datasets import ManifestDataset
 from tokenizer.data.intensity import PreprocessConfig
+from tokenizer.data.manifest import read_manifest
 from tokenizer.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]

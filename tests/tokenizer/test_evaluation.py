@@ -10,7 +10,8 @@ from PIL import Image
 
 from tokenizer.api import create_tokenizer
 from tokenizer.data.datasets import BadSample
-from tokenizer.data.phantoms import PhantomDataset, read_phantom
+from tokenizer.data.phantom_reader import read_phantom
+from tokenizer.data.phantoms import PhantomDataset
 from tokenizer.errors import InputError
 from tokenizer.evaluation import (
     LPIPSConfig,

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tokenizer.data.phantoms import MODALITIES, Finding, parse_caption
+from tokenizer.data.phantom_text import parse_caption
+from tokenizer.data.phantom_vocab import MODALITIES, Finding
 from tokenizer.errors import InputError
 from tokenizer.probe import (
     class_prompts,

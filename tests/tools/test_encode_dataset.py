@@ -20,7 +20,8 @@ from tokenizer.api import create_tokenizer, tokenize_image
 from tokenizer.checkpoint import load_tokenizer, save_tokenizer
 from tokenizer.data.datasets import BadSample, FolderDataset, ManifestDataset
 from tokenizer.data.intensity import PreprocessConfig
-from tokenizer.data.phantoms import PhantomDataset, phantom_questions
+from tokenizer.data.phantom_text import phantom_questions
+from tokenizer.data.phantoms import PhantomDataset
 from tokenizer.encode import (
     PendingRowSampler,
     RecordedDataset,

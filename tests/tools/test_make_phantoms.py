@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tokenizer.data.phantoms import ANSWERS, Finding, PhantomDataset, parse_caption, read_phantom
+from tokenizer.data.phantom_reader import read_phantom
+from tokenizer.data.phantom_text import ANSWERS, parse_caption
+from tokenizer.data.phantom_vocab import Finding
+from tokenizer.data.phantoms import PhantomDataset
 from tools.make_phantoms import main
 
 ROOT = Path(__file__).resolve().parents[2]

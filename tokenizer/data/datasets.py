@@ -1,4 +1,4 @@
-"""Datasets of medical images for the tokenizer: manifests, folders, volumes, phantoms.
+"""Datasets of medical images for the tokenizer: manifest rows, folders, volume slices.
 
 Data formats
 ------------
@@ -6,27 +6,11 @@ Images: PNG (8- or 16-bit), JPEG, TIFF, DICOM (any transfer syntax with an insta
 multi-frame files use the middle frame unless told) and NIfTI (.nii / .nii.gz, 3D or 4D).
 The content decides the format; an extension that contradicts it is an error.
 
-Manifests are JSONL (one object per line) or CSV (a header row) with these columns:
+Manifests (JSONL or CSV, one row per image) are described in :mod:`tokenizer.data.manifest`. A file that
+fails to load becomes a ``BadSample`` that ``collate_samples`` drops; ``BadRowTracker`` fails the run when
+the dropped fraction passes ``DataConfig.max_bad_fraction``. :mod:`tokenizer.data.datamodule` picks the
+dataset of a ``DataConfig`` (phantoms included) and batches it for Lightning.
 
-=========  ========  ==========================================================================
-column     required  meaning
-=========  ========  ==========================================================================
-image      yes       path to the file, relative to the manifest's folder (or absolute inside it)
-caption    no        free text ("" when absent)
-modality   no        ct, mr, xray, us, fundus, histology, photo, other (or an alias: MRI, CXR,
-                     x-ray, ultrasound, ...); overrides what a DICOM file says
-split      no        any name; datasets select rows by it (e.g. train / val / test)
-window     no        CT window: full, common, soft_tissue, lung, bone, or low,high in HU
-                     (JSON: [low, high]); without it training draws a random window and
-                     evaluation uses the preset's eval window
-slice      no        slice of a volume along axis 2 (a frame of a multi-frame DICOM)
-=========  ========  ==========================================================================
-
-Other columns (e.g. ``attributes``, ``qa``) are kept in ``ManifestRow.extra``. A path that leaves
-the manifest's folder is rejected unless ``allow_outside_root=True``. Bad lines (bad JSON, wrong
-encoding, no image, wrong types) are reported as ``BadRow`` and skipped; a file that fails to load
-becomes a ``BadSample`` that ``collate_samples`` drops; ``BadRowTracker`` fails the run when the
-dropped fraction passes ``DataConfig.max_bad_fraction``.
 
 CT intensities are clipped to the window (HU) and scaled; MR, ultrasound, X-ray and other scalar
 images are scaled between the 0.5 and 99.5 percentiles; 8-bit images are divided by 255. The
@@ -39,16 +23,12 @@ every slice of every volume (multi-frame DICOM: every frame) and drops empty (co
 
 from __future__ import annotations
 
-import csv
-import functools
-import io as _stdio
-import json
 import logging
 import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from tokenizer.data.intensity import CT_WINDOWS, PreprocessConfig, prepare
+from tokenizer.data.intensity import PreprocessConfig, prepare
 from tokenizer.data.io import (
     IMAGE_EXTENSIONS,
     LoadedImage,
@@ -67,189 +47,12 @@ from tokenizer.data.io import (
     read_volume,
 )
 from tokenizer.data.io import volume_slice as _volume_slice
+from tokenizer.data.manifest import BadRow, read_manifest
 from tokenizer.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 Sample = dict[str, Any]
-
-
-# ----------------------------------------------------------------------------------------------
-# Manifests.
-
-
-@dataclass
-class ManifestRow:
-    """One good manifest row (see the module docstring for the columns)."""
-
-    image: Path
-    """Absolute, normalised path of the image file."""
-    caption: str = ""
-    modality: str | None = None
-    """Canonical modality, or None when the row does not say."""
-    split: str | None = None
-    window: str | tuple[float, float] | None = None
-    """CT window name or (low, high) in HU."""
-    slice_index: int | None = None
-    """The ``slice`` column."""
-    line: int = 0
-    """1-based line of the row in the manifest file."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Columns beyond the known ones, as read (CSV values are strings)."""
-
-
-@dataclass
-class BadRow:
-    """A manifest line that was skipped."""
-
-    line: int
-    reason: str
-
-
-_KNOWN_COLUMNS = ("image", "caption", "modality", "split", "window", "slice")
-
-
-def _optional_str(record: dict[str, Any], key: str) -> str | None:
-    value = record.get(key)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise InputError(f"column {key!r} must be a string, got {type(value).__name__} {value!r}")
-    return value.strip() or None
-
-
-def _parse_window(value: Any) -> str | tuple[float, float] | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, str) and value.strip() in CT_WINDOWS:
-        return value.strip()
-    parts = value.split(",") if isinstance(value, str) else value
-    try:
-        low, high = (float(v) for v in parts)
-        if isinstance(value, list) and any(
-            isinstance(v, bool) or not isinstance(v, int | float) for v in value
-        ):
-            raise TypeError
-    except (TypeError, ValueError):
-        raise InputError(
-            f"column 'window' must be one of {sorted(CT_WINDOWS)} or 'low,high', got {value!r}"
-        ) from None
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise InputError(f"column 'window' needs finite low < high, got {value!r}")
-    return low, high
-
-
-def _parse_slice(value: Any) -> int | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    raise InputError(f"column 'slice' must be a non-negative integer, got {value!r}")
-
-
-def _is_within(path: Path, root: Path) -> bool:
-    try:
-        return os.path.commonpath([path, root]) == str(root)
-    except ValueError:  # different drives
-        return False
-
-
-def _parse_row(record: Any, line: int, root: Path, allow_outside_root: bool) -> ManifestRow:
-    if not isinstance(record, dict):
-        raise InputError(f"expected a JSON object, got {type(record).__name__}")
-    image = record.get("image")
-    if not isinstance(image, str) or not image.strip():
-        raise InputError(
-            "missing 'image' (a non-empty path string)"
-            if image is None or isinstance(image, str)
-            else f"'image' must be a string, got {image!r}"
-        )
-    path = Path(os.path.normpath(root / image.strip()))
-    if not allow_outside_root and not _is_within(path, root):
-        raise InputError(
-            f"image path {image!r} escapes the manifest folder {root} (allow_outside_root=False)"
-        )
-    return ManifestRow(
-        image=path,
-        caption=_optional_str(record, "caption") or "",
-        modality=canonical_modality(_optional_str(record, "modality"), where="column 'modality'"),
-        split=_optional_str(record, "split"),
-        window=_parse_window(record.get("window")),
-        slice_index=_parse_slice(record.get("slice")),
-        line=line,
-        extra={k: v for k, v in record.items() if k not in _KNOWN_COLUMNS},
-    )
-
-
-def _has_bad_bytes(text: str) -> bool:
-    """Bytes that were not UTF-8 were decoded to lone surrogates (errors="surrogateescape")."""
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
-
-
-def _jsonl_records(text: str) -> Iterable[tuple[int, Any]]:
-    for number, raw in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is valid JSON
-        if _has_bad_bytes(raw):
-            yield number, InputError("the line is not valid UTF-8")
-        elif raw.strip():
-            try:
-                yield number, json.loads(raw)
-            except json.JSONDecodeError as err:
-                yield number, InputError(f"invalid JSON ({err.msg} at column {err.colno})")
-
-
-def _csv_records(text: str, path: Path, delimiter: str) -> Iterable[tuple[int, Any]]:
-    reader = csv.reader(_stdio.StringIO(text, newline=""), delimiter=delimiter)
-    header = [name.strip() for name in next(reader, [])]
-    if "image" not in header:
-        raise InputError(f"{path}: the CSV header {header} has no 'image' column")
-    start = reader.line_num + 1
-    for fields in reader:
-        if any(f.strip() for f in fields):
-            if len(fields) != len(header):
-                yield start, InputError(f"has {len(fields)} fields but the header has {len(header)}")
-            elif any(_has_bad_bytes(f) for f in fields):
-                yield start, InputError("the row is not valid UTF-8")
-            else:
-                yield start, dict(zip(header, fields, strict=True))
-        start = reader.line_num + 1
-
-
-def read_manifest(
-    path: str | os.PathLike, *, allow_outside_root: bool = False
-) -> tuple[list[ManifestRow], list[BadRow]]:
-    """Read a JSONL (.jsonl / .ndjson) or CSV (.csv / .tsv) manifest.
-
-    Returns:
-        (good rows in file order, skipped lines with reasons).
-
-    Raises:
-        InputError: the manifest itself is missing, of an unknown kind, or a CSV without 'image'.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: manifest not found")
-    suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".ndjson", ".csv", ".tsv"):
-        raise InputError(f"{path}: manifest must be .jsonl, .ndjson, .csv or .tsv, got {suffix!r}")
-    # Undecodable bytes become lone surrogates, so one bad line is reported instead of the file failing.
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-    root = Path(os.path.normpath(path.absolute().parent))
-    if suffix in (".jsonl", ".ndjson"):
-        records = _jsonl_records(text)
-    else:
-        records = _csv_records(text, path, "\t" if suffix == ".tsv" else ",")
-    rows: list[ManifestRow] = []
-    bad: list[BadRow] = []
-    for line, record in records:
-        try:
-            if isinstance(record, InputError):
-                raise record
-            rows.append(_parse_row(record, line, root, allow_outside_root))
-        except InputError as err:
-            bad.append(BadRow(line, str(err)))
-    return rows, bad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,7 +267,7 @@ class _ImageDataset(Dataset):
 
 
 class ManifestDataset(_ImageDataset):
-    """Rows of a JSONL / CSV manifest (see the module docstring).
+    """Rows of a JSONL / CSV manifest (see :mod:`tokenizer.data.manifest`).
 
     Args:
         manifest: path of the manifest file.
@@ -652,214 +455,3 @@ def _nonconstant(volume: np.ndarray, axis: int) -> np.ndarray:
     """Indices along ``axis`` of slices that are not constant."""
     flat = np.moveaxis(volume, axis, 0).reshape(volume.shape[axis], -1)
     return np.flatnonzero(flat.max(axis=1) > flat.min(axis=1))
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration and the Lightning data module.
-
-DATA_KINDS = ("phantoms", "folder", "manifest", "volume", "stream")
-
-
-@dataclass
-class DataConfig:
-    """Where training / validation / prediction images come from and how they are batched."""
-
-    kind: str = "phantoms"
-    """"phantoms" (generated, no files), "folder", "manifest", "volume" or "stream" (LitData shards
-    written by ``tools/make_stream.py``, see :mod:`tokenizer.data.streaming`)."""
-    path: str | None = None
-    """Manifest file (manifest), image folder (folder), volume folder / file (volume), or stream
-    folder / object-store URL (stream)."""
-    val_path: str | None = None
-    """folder / volume / stream kinds: a separate validation source (None: no validation)."""
-    train_split: str = "train"
-    """manifest: the split used for training."""
-    val_split: str | None = "val"
-    """manifest: the split used for validation (None: no validation)."""
-    predict_split: str | None = None
-    """manifest: the split encoded by predict (None: every row)."""
-    batch_size: int = 32
-    """Images per batch and device."""
-    num_workers: int = 4
-    """DataLoader worker processes (0: load in the main process)."""
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    """Training augmentation (files only; phantoms are used as generated, their captions are exact)."""
-    max_bad_fraction: float = 0.01
-    """Fail the run when more than this fraction of rows / files could not be used."""
-    min_rows_before_failing: int = 50
-    """Rows seen before ``max_bad_fraction`` is judged."""
-    allow_outside_root: bool = False
-    """manifest: accept image paths outside the manifest's folder."""
-    modality: str | None = None
-    """folder / volume: modality of files that do not say (e.g. "ct" for NIfTI in HU)."""
-    axis: int = 2
-    """Slicing axis for volumes (RAS+: 0 sagittal, 1 coronal, 2 axial)."""
-    drop_empty: bool = True
-    """volume: drop constant slices."""
-    num_train: int = 512
-    """phantoms: training images."""
-    num_val: int = 64
-    """phantoms: validation images."""
-    seed: int = 0
-    """phantoms: seed of the training set (validation uses seed + 1); stream: shuffle and augmentation seed."""
-    modalities: list[str] | None = None
-    """phantoms: looks to generate (None: all)."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in DATA_KINDS:
-            raise ValueError(f"data kind must be one of {DATA_KINDS}, got {self.kind!r}")
-        if self.kind != "phantoms" and not self.path:
-            raise ValueError(f"data kind {self.kind!r} needs a path")
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError(
-                f"need batch_size >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}"
-            )
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
-        if self.axis not in (0, 1, 2):
-            raise ValueError(f"axis must be 0, 1 or 2, got {self.axis}")
-        if self.num_train < 1 or self.num_val < 0:
-            raise ValueError(f"need num_train >= 1 and num_val >= 0, got {self.num_train}, {self.num_val}")
-        canonical_modality(self.modality, where="data.modality")
-        for name in self.modalities or []:
-            canonical_modality(name, where="data.modalities")
-
-
-def build_dataset(data: DataConfig, preprocess: PreprocessConfig, role: str) -> Dataset | None:
-    """The dataset for ``role`` ("train", "val" or "predict"); None when that role has no data."""
-    train = role == "train"
-    if data.kind == "phantoms":
-        from tokenizer.data.phantoms import PhantomDataset
-
-        num, seed = (data.num_val, data.seed + 1) if role == "val" else (data.num_train, data.seed)
-        if num == 0:
-            return None
-        size, channels = preprocess.image_size, preprocess.channels
-        return PhantomDataset(num, seed=seed, size=size, channels=channels, modalities=data.modalities)
-    if data.kind == "manifest":
-        split = {"train": data.train_split, "val": data.val_split, "predict": data.predict_split}[role]
-        if role == "val" and split is None:
-            return None
-        dataset = ManifestDataset(
-            data.path,
-            preprocess,
-            split=split,
-            train=train,
-            allow_outside_root=data.allow_outside_root,
-            augment=data.augment,
-            axis=data.axis,
-        )
-        BadRowTracker(data.max_bad_fraction, data.min_rows_before_failing).update(
-            dataset.num_rows_read, dataset.bad_rows
-        )
-        return dataset
-    path = data.val_path if role == "val" else data.path
-    if path is None:
-        return None
-    if data.kind == "stream":
-        from tokenizer.data.streaming import StreamingImageDataset
-
-        return StreamingImageDataset(
-            path, preprocess, shuffle=train, seed=data.seed, train=train, augment=data.augment
-        )
-    if data.kind == "folder":
-        return FolderDataset(path, preprocess, train=train, modality=data.modality, augment=data.augment)
-    return VolumeSliceDataset(
-        path,
-        preprocess,
-        axis=data.axis,
-        drop_empty=data.drop_empty,
-        modality=data.modality,
-        train=train,
-        augment=data.augment,
-    )
-
-
-def _define_datamodule() -> type:
-    import lightning as L  # deferred: importing Lightning costs seconds
-
-    class ImageDataModule(L.LightningDataModule):
-        """Train / val / predict loaders for :class:`DataConfig`, batched by :func:`collate_samples`.
-
-        Every batch passes through ``tracker`` (a :class:`BadRowTracker`), which logs dropped rows and
-        stops the run when their fraction passes ``DataConfig.max_bad_fraction``.
-        """
-
-        def __init__(self, data: DataConfig, preprocess: PreprocessConfig) -> None:
-            super().__init__()
-            self.data = data
-            self.preprocess = preprocess
-            self.tracker = BadRowTracker(data.max_bad_fraction, data.min_rows_before_failing)
-            self.datasets: dict[str, Dataset | None] = {}
-
-        def setup(self, stage: str | None = None) -> None:
-            roles = {"fit": ("train", "val"), "validate": ("val",), "predict": ("predict",)}
-            for role in roles.get(stage or "fit", ("train", "val")):
-                if role not in self.datasets:
-                    self.datasets[role] = build_dataset(self.data, self.preprocess, role)
-
-        def _loader(self, role: str) -> Any:
-            self.setup({"train": "fit", "val": "validate", "predict": "predict"}[role])
-            dataset = self.datasets[role]
-            if dataset is None:
-                return []
-            if self.data.kind == "stream":  # Lightning saves this loader's position in checkpoints
-                from tokenizer.data.streaming import stream_loader
-
-                return stream_loader(
-                    dataset,
-                    batch_size=self.data.batch_size,
-                    num_workers=self.data.num_workers,
-                    pin_memory=torch.cuda.is_available(),
-                )
-            shape = (self.preprocess.channels, self.preprocess.image_size, self.preprocess.image_size)
-            train = role == "train"
-            if train and (self.trainer is None or self.trainer.world_size == 1):
-                from tokenizer.data.resumable import ResumableLoader  # Lightning saves its position
-
-                return ResumableLoader(
-                    dataset,
-                    batch_size=self.data.batch_size,
-                    seed=self.data.seed,
-                    drop_last=len(dataset) > self.data.batch_size,
-                    epoch_fn=(lambda: self.trainer.current_epoch) if self.trainer is not None else None,
-                    num_workers=self.data.num_workers,
-                    pin_memory=torch.cuda.is_available(),
-                    collate_fn=functools.partial(collate_samples, image_shape=shape),
-                )
-            return torch.utils.data.DataLoader(
-                dataset,
-                batch_size=self.data.batch_size,
-                shuffle=train,
-                drop_last=train and len(dataset) > self.data.batch_size,
-                num_workers=self.data.num_workers,
-                persistent_workers=self.data.num_workers > 0,
-                pin_memory=torch.cuda.is_available(),
-                collate_fn=functools.partial(collate_samples, image_shape=shape),
-            )
-
-        def train_dataloader(self) -> Any:
-            return self._loader("train")
-
-        def val_dataloader(self) -> Any:
-            return self._loader("val")
-
-        def predict_dataloader(self) -> Any:
-            return self._loader("predict")
-
-        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-            if isinstance(batch, dict) and "bad" in batch:
-                self.tracker.update(len(batch["index"]), batch["bad"])
-            return batch
-
-    ImageDataModule.__module__ = __name__
-    ImageDataModule.__qualname__ = "ImageDataModule"  # picklable as tokenizer.data.datasets.ImageDataModule
-    return ImageDataModule
-
-
-def __getattr__(name: str) -> Any:
-    """``ImageDataModule`` is defined on first access so that importing this module skips Lightning."""
-    if name == "ImageDataModule":
-        globals()[name] = _define_datamodule()
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Procedural medical phantoms: a seeded benchmark with exact ground truth.
+"""Procedural medical phantoms: a seeded benchmark with exact ground truth (generation and dataset).
 
 Five modality looks (``MODALITIES``): an axial chest "ct" slice, a brain "mr" slice (T1 or T2 look), a
 chest "xray", an RGB retinal "fundus" photograph and an RGB H&E "histology" field. Each image carries
@@ -10,117 +10,49 @@ chest "xray", an RGB retinal "fundus" photograph and an RGB H&E "histology" fiel
   contrast about 0.2 to 0.5 in [0, 1] units, either sign);
 - count: the number of findings (0-3).
 
-Captions name findings the way a reader of each modality would (nodule / cyst, lesion, opacity /
-lucency, exudate / hemorrhage, clear area / nuclear cluster; hyperdense, hyperintense, radiopaque, ...);
-``parse_caption`` maps every such synonym back to the fixed vocabulary. Images are smooth (anatomy,
-low-frequency texture) plus Gaussian noise of std ``DEFAULT_NOISE`` = 0.01, so noise alone caps a
-reconstruction at 40 dB PSNR. ``read_phantom`` is the analytic reader that recovers modality and
-findings from pixels (tokenizer reconstructions, generated images).
+Images are smooth (anatomy, low-frequency texture) plus Gaussian noise of std ``DEFAULT_NOISE`` = 0.01, so
+noise alone caps a reconstruction at 40 dB PSNR. This module draws them (``make_phantom``) and serves them
+as a dataset (``PhantomDataset``). The vocabulary and the ``Finding`` / ``Phantom`` records live in
+:mod:`tokenizer.data.phantom_vocab`; captions, ``parse_caption`` and closed VQA in
+:mod:`tokenizer.data.phantom_text`; ``read_phantom``, the analytic reader that recovers modality and
+findings from pixels (tokenizer reconstructions, generated images), in :mod:`tokenizer.data.phantom_reader`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import re
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy import ndimage
 from torch.utils.data import Dataset
 
+from tokenizer.data.phantom_text import caption_for
+from tokenizer.data.phantom_vocab import (
+    INTENSITIES,
+    MODALITIES,
+    REGIONS,
+    SIZES,
+    Finding,
+    Phantom,
+    canonical_findings,
+    modality_name,
+    zone_center,
+)
 from tokenizer.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-MODALITIES = ("ct", "mr", "xray", "fundus", "histology")
-COLOR_MODALITIES = ("fundus", "histology")
-REGIONS = ("left upper", "right upper", "left lower", "right lower")
-SIZES = ("small", "large")
-INTENSITIES = ("bright", "dark")
 DEFAULT_NOISE = 0.01
 """Std of the additive Gaussian noise in [0, 1] units (kept <= 0.015 so a tokenizer can reach 28 dB)."""
 
 _RADIUS = {"small": 7 / 64, "large": 14 / 64}  # normalised units: the image spans [-1, 1]
 _JITTER = 1.5 / 64  # finding centre jitter, +-1.5 px at 128
 _MAX_FINDINGS = 3
-_ZONES = {  # modality -> (|x| of the zone centres, y of upper zones, y of lower zones), normalised
-    "ct": (0.46, -0.30, 0.24),
-    "mr": (0.32, -0.35, 0.35),
-    "xray": (0.45, -0.30, 0.20),
-    "fundus": (0.40, -0.40, 0.40),
-    "histology": (0.45, -0.45, 0.45),
-}
 
-
-@dataclass(frozen=True)
-class Finding:
-    """One finding; every field takes a value of the fixed vocabulary."""
-
-    region: str
-    """One of ``REGIONS``."""
-    size: str
-    """One of ``SIZES``."""
-    intensity: str
-    """One of ``INTENSITIES``."""
-
-    def __post_init__(self) -> None:
-        for name, allowed in (("region", REGIONS), ("size", SIZES), ("intensity", INTENSITIES)):
-            if getattr(self, name) not in allowed:
-                raise InputError(f"Finding.{name}={getattr(self, name)!r}; expected one of {allowed}")
-
-    def as_dict(self) -> dict[str, str]:
-        return {"region": self.region, "size": self.size, "intensity": self.intensity}
-
-
-def canonical_findings(findings) -> tuple[Finding, ...]:
-    """Findings sorted by region order (the canonical order of captions and records)."""
-    return tuple(sorted(findings, key=lambda f: REGIONS.index(f.region)))
-
-
-@dataclass
-class Phantom:
-    """One generated image with its ground truth."""
-
-    image: np.ndarray
-    """float32 (H, W) grayscale or (H, W, 3) RGB for colour modalities, values in [0, 1]."""
-    modality: str
-    """One of ``MODALITIES``."""
-    findings: tuple[Finding, ...]
-    """Findings in canonical (region) order."""
-    caption: str
-    """English description stating modality, count and every finding's attributes."""
-    seed: int
-    """The seed the phantom was generated from."""
-
-    def attributes(self) -> dict:
-        """JSON-able record: ``{"modality", "count", "findings": [{"region", "size", "intensity"}]}``."""
-        return {
-            "modality": self.modality,
-            "count": len(self.findings),
-            "findings": [f.as_dict() for f in self.findings],
-        }
-
-
-_MODALITY_ALIASES = {"mri": "mr", "x-ray": "xray", "x ray": "xray", "cxr": "xray", "h&e": "histology"}
-
-
-def _modality_name(name, where: str) -> str:
-    """Canonical modality for a name or alias ("CT", "MRI", "x-ray", ...); raises InputError otherwise."""
-    key = str(name).strip().lower()
-    key = _MODALITY_ALIASES.get(key, key)
-    if key not in MODALITIES:
-        raise InputError(f"{where}: modality {name!r}; expected one of {MODALITIES}")
-    return key
-
-
-def zone_center(modality: str, region: str) -> tuple[float, float]:
-    """Nominal (x, y) centre of a region's finding, normalised to [-1, 1] (y grows downwards)."""
-    ax, y_upper, y_lower = _ZONES[modality]
-    side, level = region.split()
-    return (-ax if side == "left" else ax), (y_upper if level == "upper" else y_lower)
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+"""Luminance weights (ITU-R BT.601) that turn an RGB phantom into grayscale."""
 
 
 # ----------------------------------------------------------------------------- drawing primitives
@@ -424,7 +356,7 @@ def make_phantom(
     if not isinstance(size, (int, np.integer)) or size < 16:
         raise InputError(f"make_phantom: size must be an integer >= 16, got {size!r}")
     if modality is not None:
-        modality = _modality_name(modality, "make_phantom")
+        modality = modality_name(modality, "make_phantom")
     if num_findings is not None and num_findings not in range(_MAX_FINDINGS + 1):
         raise InputError(f"make_phantom: num_findings must be in 0..3, got {num_findings!r}")
     noise = DEFAULT_NOISE if noise is None else float(noise)
@@ -457,429 +389,6 @@ def make_phantom(
     )
 
 
-# ----------------------------------------------------------------------------- captions
-
-_MODALITY_NAMES = {
-    "ct": ("CT", "chest CT", "axial CT", "computed tomography"),
-    "mr": ("MR", "MRI", "brain MRI", "magnetic resonance"),
-    "xray": ("X-ray", "chest X-ray", "radiograph", "chest radiograph"),
-    "fundus": ("fundus photograph", "retinal fundus image", "fundus image", "retinal photograph"),
-    "histology": ("histology", "H&E histology", "histopathology", "H&E slide"),
-}
-_NOUNS = {
-    "ct": {"bright": ("nodule", "lesion"), "dark": ("cyst", "lesion")},
-    "mr": {"bright": ("lesion", "focus"), "dark": ("lesion", "focus")},
-    "xray": {"bright": ("opacity", "nodular opacity"), "dark": ("lucency", "lucent area")},
-    "fundus": {"bright": ("exudate", "hard exudate"), "dark": ("hemorrhage", "blot hemorrhage")},
-    "histology": {"bright": ("clear area", "vacuole"), "dark": ("nuclear cluster", "cell cluster")},
-}
-_INTENSITY_WORDS = {
-    "ct": {"bright": ("bright", "hyperdense"), "dark": ("dark", "hypodense")},
-    "mr": {"bright": ("bright", "hyperintense"), "dark": ("dark", "hypointense")},
-    "xray": {"bright": ("bright", "radiopaque"), "dark": ("dark", "radiolucent")},
-    "fundus": {"bright": ("bright", "bright yellow"), "dark": ("dark", "dark red")},
-    "histology": {"bright": ("bright", "pale"), "dark": ("dark", "hyperchromatic")},
-}
-_SIZE_WORDS = {"small": ("small",), "large": ("large", "big")}
-_COUNT_WORDS = ("zero", "one", "two", "three")
-_FINDING_TEMPLATES = (
-    "a {size} {intensity} {noun} in the {region} {zone}",
-    "a {size} {intensity} {noun} ({region} {zone})",
-    "in the {region} {zone} a {size} {intensity} {noun}",
-    "{size} {intensity} {noun} at the {region}",
-)
-_CAPTION_TEMPLATES = (
-    "{Mod} image showing {count} {plural}: {listed}.",
-    "{Mod} with {count} {plural}. {semi}.",
-    "There {be} {count} {plural} on this {mod}: {listed}.",
-    "Findings on {mod}: {semi}. Total: {count} {plural}.",
-    "{Mod}: {count} {plural}; {semi}.",
-)
-_NORMAL_TEMPLATES = (
-    "{Mod} image with no abnormality.",
-    "Normal {mod}: no findings.",
-    "No abnormality is seen on this {mod}.",
-    "{Mod}: zero findings, no lesion detected.",
-)
-
-
-def _pick(rng: np.random.Generator, options):
-    return options[int(rng.integers(len(options)))]
-
-
-def _cap(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
-def caption_for(modality: str, findings, rng: np.random.Generator, template: int | None = None) -> str:
-    """English caption stating the modality, the count and every finding's region, size and intensity.
-
-    Args:
-        modality: one of ``MODALITIES``.
-        findings: iterable of :class:`Finding` (captions list them in canonical order).
-        rng: draws the template and the synonyms.
-        template: force a sentence template (index into the 5 finding / 4 normal templates).
-    """
-    modality = _modality_name(modality, "caption_for")
-    findings = canonical_findings(findings)
-    mod = _pick(rng, _MODALITY_NAMES[modality])
-    templates = _CAPTION_TEMPLATES if findings else _NORMAL_TEMPLATES
-    chosen = templates[int(rng.integers(len(templates))) if template is None else template % len(templates)]
-    if not findings:
-        return _cap(chosen.format(Mod=_cap(mod), mod=mod))
-    phrases = []
-    for f in findings:
-        side, level = f.region.split()
-        phrases.append(
-            _pick(rng, _FINDING_TEMPLATES).format(
-                size=_pick(rng, _SIZE_WORDS[f.size]),
-                intensity=_pick(rng, _INTENSITY_WORDS[modality][f.intensity]),
-                noun=_pick(rng, _NOUNS[modality][f.intensity]),
-                region=f.region if rng.random() < 0.5 else f"{level} {side}",
-                zone=_pick(rng, ("region", "quadrant")),
-            )
-        )
-    n = len(findings)
-    plural = (
-        _pick(rng, ("finding", "abnormality", "lesion"))
-        if n == 1
-        else _pick(rng, ("findings", "abnormalities", "lesions"))
-    )
-    listed = phrases[0] if n == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    text = chosen.format(
-        Mod=_cap(mod),
-        mod=mod,
-        count=_COUNT_WORDS[n],
-        plural=plural,
-        be="is" if n == 1 else "are",
-        listed=listed,
-        semi="; ".join(phrases),
-    )
-    return _cap(text)
-
-
-_MODALITY_PATTERNS = {
-    "ct": r"\bct\b|computed tomograph",
-    "mr": r"\bmri?\b|magnetic resonance",
-    "xray": r"\bx[\s-]?rays?\b|radiograph",
-    "fundus": r"fundus|retina",
-    "histology": r"histolog|histopatholog|\bh\s?&\s?e\b|patholog",
-}
-_REGION_RE = re.compile(r"\b(left|right)[\s-]+(upper|lower)\b|\b(upper|lower)[\s-]+(left|right)\b")
-_PARSE_WORDS = {
-    "size": {"small": ("small", "tiny", "little"), "large": ("large", "big", "huge")},
-    "intensity": {
-        "bright": ("bright", "hyperdense", "hyperintense", "radiopaque", "pale", "white"),
-        "dark": ("dark", "hypodense", "hypointense", "radiolucent", "lucent", "hyperchromatic", "black"),
-    },
-}
-_WORD_RES = {
-    field: [(value, re.compile(r"\b(?:" + "|".join(words) + r")\b")) for value, words in table.items()]
-    for field, table in _PARSE_WORDS.items()
-}
-_CLAUSE_RE = re.compile(r"[;,.!?\n]|\band\b")
-
-
-def _parse_modality(text: str) -> str | None:
-    hits = [(m.start(), name) for name, pat in _MODALITY_PATTERNS.items() if (m := re.search(pat, text))]
-    return min(hits)[1] if hits else None
-
-
-def parse_caption(text: str) -> tuple[str | None, tuple[Finding, ...]]:
-    """Recover (modality, findings) from a caption of ours or a language model's near miss.
-
-    Each clause (split at punctuation and "and") that names a region yields a finding if it also
-    names a size and an intensity (any synonym of ``_PARSE_WORDS``). With several regions in one clause,
-    attribute words go to the region after them (before them when the clause opens with a region).
-    The first mention of a region wins.
-    Returns (None, ()) when nothing is recognised.
-    """
-    text = str(text).lower()
-    found: dict[str, Finding] = {}
-    for clause in _CLAUSE_RE.split(text):
-        regions = [(m.start(), m.end(), _region_of(m)) for m in _REGION_RE.finditer(clause)]
-        if not regions:
-            continue
-        words = sorted(
-            (m.start(), m.end(), field, value)
-            for field, patterns in _WORD_RES.items()
-            for value, pattern in patterns
-            for m in pattern.finditer(clause)
-        )
-        # Several regions in one clause: attributes belong to the next region when the clause opens
-        # with attributes ("small bright ... left upper ..."), else to the previous one.
-        leading = bool(words) and words[0][0] < regions[0][0]
-        attrs: list[dict[str, str]] = [{} for _ in regions]
-        for start, end, field, value in words:
-            if leading:
-                owner = next((i for i, r in enumerate(regions) if r[0] >= end), len(regions) - 1)
-            else:
-                owner = max((i for i, r in enumerate(regions) if r[1] <= start), default=0)
-            attrs[owner].setdefault(field, value)
-        for (_, _, region), a in zip(regions, attrs, strict=True):
-            if "size" in a and "intensity" in a and region not in found:
-                found[region] = Finding(region, a["size"], a["intensity"])
-    return _parse_modality(text), canonical_findings(found.values())
-
-
-def _region_of(match: re.Match) -> str:
-    side = match.group(1) or match.group(4)
-    level = match.group(2) or match.group(3)
-    return f"{side} {level}"
-
-
-# ----------------------------------------------------------------------------- analytic reader
-
-_READ_SIZE = 128  # the reader resamples every image to this side
-_SEARCH = 2  # px searched around each nominal zone centre
-# Core-minus-tissue luminance contrast that counts as a (bright, dark) finding, per modality: about half
-# the weakest drawn contrast, and well above what anatomy alone gives (nuclei, ribs, vessels, cortex).
-_THRESHOLDS = {
-    "ct": (0.15, 0.1),
-    "mr": (0.14, 0.1),
-    "xray": (0.14, 0.12),
-    "fundus": (0.2, 0.12),
-    "histology": (0.11, 0.18),
-}
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
-
-
-def _offsets(r0: float, r1: float) -> tuple[np.ndarray, np.ndarray]:
-    k = int(np.ceil(r1))
-    dy, dx = np.mgrid[-k : k + 1, -k : k + 1]
-    keep = (np.hypot(dx, dy) >= r0) & (np.hypot(dx, dy) < r1)
-    return dy[keep], dx[keep]
-
-
-# At 128 px a small finding has radius 7, a large one 14: the core lies inside both, the ring inside
-# large ones only, and the background annulus outside every finding of its zone.
-_CORE, _RING, _BACKGROUND = _offsets(0, 5.0), _offsets(10, 12), _offsets(17.5, 21.5)
-
-
-def _as_hwc(image) -> np.ndarray:
-    """(H, W), (H, W, C) or (C, H, W) with C in {1, 3}, values in [0, 1] -> float32 (128, 128, C)."""
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().float().numpy()
-    arr = np.asarray(image, dtype=np.float32)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
-        arr = arr.transpose(1, 2, 0)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[-1] not in (1, 3) or min(arr.shape[:2]) < 32:
-        raise InputError(
-            f"read_phantom: image of shape {arr.shape}; expected (H, W), (H, W, 3) or (3, H, W) with H, W >= 32"
-        )
-    if not np.isfinite(arr).all():
-        raise InputError("read_phantom: image contains NaN or infinite values")
-    if arr.shape[:2] != (_READ_SIZE, _READ_SIZE):
-        size = (_READ_SIZE, _READ_SIZE)
-        channels = [
-            Image.fromarray(np.ascontiguousarray(arr[..., c])).resize(size, Image.BILINEAR)
-            for c in range(arr.shape[-1])
-        ]
-        arr = np.stack([np.asarray(c, dtype=np.float32) for c in channels], axis=-1)
-    return arr
-
-
-def _luminance(hwc: np.ndarray) -> np.ndarray:
-    return hwc @ _LUMA if hwc.shape[-1] == 3 else hwc[..., 0]
-
-
-def _features(hwc: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """16x16 block means of luminance (16, 16) and of chroma R-L, B-L (16, 16, 2; None for 1 channel)."""
-    lum = _luminance(hwc)
-    lum16 = lum.reshape(16, 8, 16, 8).mean(axis=(1, 3))
-    if hwc.shape[-1] == 1:
-        return lum16, None
-    chroma = (hwc[..., [0, 2]] - lum[..., None]).reshape(16, 8, 16, 8, 2).mean(axis=(1, 3))
-    return lum16, chroma
-
-
-@functools.lru_cache(maxsize=1)
-def _class_mask() -> np.ndarray:
-    """(16, 16) cells away from every modality's finding zones: the anatomy the classifier looks at."""
-    c = (np.arange(16) + 0.5) / 8 - 1
-    keep = np.ones((16, 16), bool)
-    for modality in MODALITIES:
-        for region in REGIONS:
-            zx, zy = zone_center(modality, region)
-            keep &= np.hypot(c[None, :] - zx, c[:, None] - zy) > 0.3
-    return keep.astype(np.float32)
-
-
-@functools.lru_cache(maxsize=1)
-def _exemplars() -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Finding-free phantoms of every modality as features: labels, (N, 16, 16), (N, 16, 16, 2)."""
-    labels, lums, chromas = [], [], []
-    for modality in MODALITIES:
-        for seed in range(12):
-            lum, chroma = _features(_as_hwc(make_phantom(seed, modality=modality, num_findings=0).image))
-            labels.append(modality)
-            lums.append(lum)
-            chromas.append(np.zeros((16, 16, 2), np.float32) if chroma is None else chroma)
-    return labels, np.stack(lums), np.stack(chromas)
-
-
-def _classify(hwc: np.ndarray) -> str:
-    """Nearest exemplar on the masked 16x16 anatomy (luminance, plus chroma for 3-channel input)."""
-    labels, lums, chromas = _exemplars()
-    lum, chroma = _features(hwc)
-    mask = _class_mask()
-    dist = (((lums - lum) ** 2) * mask).sum(axis=(1, 2))
-    if chroma is not None:
-        dist += (((chromas - chroma) ** 2) * mask[..., None]).sum(axis=(1, 2, 3))
-    return labels[int(np.argmin(dist))]
-
-
-def _median_at(lum: np.ndarray, cy: int, cx: int, offsets) -> float:
-    dy, dx = offsets
-    hi = lum.shape[0] - 1
-    return float(np.median(lum[np.clip(cy + dy, 0, hi), np.clip(cx + dx, 0, hi)]))
-
-
-def _zone_measurements(lum: np.ndarray, modality: str) -> dict[str, tuple[float, float]]:
-    """Per region: (contrast of the core against the surrounding tissue, ring extent fraction)."""
-    box = ndimage.uniform_filter(lum, 7, mode="nearest")
-    side = 2 * _SEARCH + 1
-    out = {}
-    for region in REGIONS:
-        zx, zy = zone_center(modality, region)
-        cx, cy = round((zx + 1) * _READ_SIZE / 2 - 0.5), round((zy + 1) * _READ_SIZE / 2 - 0.5)
-        tissue = _median_at(lum, cy, cx, _BACKGROUND)
-        window = box[cy - _SEARCH : cy + _SEARCH + 1, cx - _SEARCH : cx + _SEARCH + 1]
-        k = int(np.argmax(np.abs(window - tissue)))
-        py, px = cy - _SEARCH + k // side, cx - _SEARCH + k % side
-        contrast = _median_at(lum, py, px, _CORE) - tissue
-        extent = (_median_at(lum, py, px, _RING) - tissue) / contrast if contrast else 0.0
-        out[region] = (contrast, extent)
-    return out
-
-
-def read_phantom(image, modality: str | None = None) -> tuple[str, tuple[Finding, ...]]:
-    """Analytic reader: recover modality and findings from a phantom-like image.
-
-    Args:
-        image: float (H, W), (H, W, 3) or (3, H, W) array or tensor in [0, 1], H, W >= 32 (resampled to
-            128 px); a tokenizer reconstruction or a generated image works as long as it is in [0, 1].
-        modality: skip the modality classifier and read the findings of this modality's zones.
-
-    Returns:
-        (modality, findings in canonical order).
-    """
-    hwc = _as_hwc(image)
-    modality = _classify(hwc) if modality is None else _modality_name(modality, "read_phantom")
-    bright, dark = _THRESHOLDS[modality]
-    findings = []
-    for region, (contrast, extent) in _zone_measurements(_luminance(hwc), modality).items():
-        if contrast >= bright or contrast <= -dark:
-            size = "large" if extent > 0.5 else "small"
-            findings.append(Finding(region, size, "bright" if contrast > 0 else "dark"))
-    return modality, tuple(findings)
-
-
-# ----------------------------------------------------------------------------- closed VQA
-
-_MODALITY_ANSWERS = {"ct": "CT", "mr": "MR", "xray": "X-ray", "fundus": "fundus", "histology": "histology"}
-ANSWERS = ("yes", "no", *_COUNT_WORDS, *_MODALITY_ANSWERS.values(), *SIZES, *INTENSITIES, *REGIONS)
-"""The closed answer vocabulary of ``phantom_questions``."""
-_ANSWER_SYNONYMS = {  # canonical answer -> regex of the ways a model may say it
-    "yes": r"yes|yeah|true|present",
-    "no": r"no|false|absent",
-    "zero": r"zero|none|0|no (?:findings?|abnormalit(?:y|ies)|lesions?)",
-    "one": r"one|1|single",
-    "two": r"two|2",
-    "three": r"three|3",
-    "ct": r"ct|computed tomography",
-    "mr": r"mri?|magnetic resonance",
-    "x-ray": r"x[\s-]?rays?|radiograph|chest radiograph",
-    "fundus": r"fundus|retinal?(?: photograph)?",
-    "histology": r"histology|histopathology|h\s?&\s?e|pathology",
-    "small": r"small|tiny|little",
-    "large": r"large|big|huge",
-    "bright": r"bright|hyperdense|hyperintense|radiopaque|pale",
-    "dark": r"dark|hypodense|hypointense|radiolucent|lucent|hyperchromatic",
-    **{r: rf"{r.split()[0]}[\s-]+{r.split()[1]}|{r.split()[1]}[\s-]+{r.split()[0]}" for r in REGIONS},
-}
-_ANSWER_GROUPS = (
-    ("yes", "no"),
-    ("zero", "one", "two", "three"),
-    ("ct", "mr", "x-ray", "fundus", "histology"),
-    SIZES,
-    INTENSITIES,
-    REGIONS,
-)
-_ANSWER_PATTERNS = {key: re.compile(rf"\b(?:{pattern})\b") for key, pattern in _ANSWER_SYNONYMS.items()}
-
-
-def canonical_answer(text: str, group: tuple[str, ...] | None = None) -> str | None:
-    """The first closed answer named in ``text`` (lower-case canonical form), or None.
-
-    Args:
-        text: free text, e.g. a model's answer.
-        group: only look for these canonical answers (one of the answer groups); None looks for all.
-    """
-    text = str(text).lower()
-    best: tuple[int, int, str] | None = None  # (start, -length, key): earliest, then longest
-    for key in group or _ANSWER_PATTERNS:
-        m = _ANSWER_PATTERNS[key].search(text)
-        if m and (best is None or (m.start(), m.start() - m.end()) < best[:2]):
-            best = (m.start(), m.start() - m.end(), key)
-    return None if best is None else best[2]
-
-
-def answer_matches(pred: str, truth: str) -> bool:
-    """True when ``pred`` names ``truth`` first among the answers of truth's kind (yes/no, count, ...).
-
-    Synonyms, case and punctuation are ignored: "Yes." matches "yes", "No findings" matches "zero",
-    "MRI" matches "MR", "upper left" matches "left upper".
-    """
-    expected = canonical_answer(truth)
-    if expected is None:
-        return False
-    group = next(g for g in _ANSWER_GROUPS if expected in g)
-    return canonical_answer(pred, group) == expected
-
-
-def phantom_questions(phantom: Phantom, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Closed question-answer pairs about one phantom; every answer is in ``ANSWERS``.
-
-    Asks the modality, the count, whether each region holds a finding and, for each finding, its
-    intensity and size (yes/no or either-or, drawn from ``rng``); with a single finding also where it is.
-    """
-    article, noun, nouns = _pick(
-        rng,
-        (("a", "finding", "findings"), ("a", "lesion", "lesions"), ("an", "abnormality", "abnormalities")),
-    )
-    qa = [
-        (
-            _pick(rng, ("What imaging modality is this?", "Which modality was used to acquire this image?")),
-            _MODALITY_ANSWERS[phantom.modality],
-        ),
-        (
-            _pick(rng, (f"How many {nouns} are there?", f"How many {nouns} are visible?")),
-            _COUNT_WORDS[len(phantom.findings)],
-        ),
-    ]
-    by_region = {f.region: f for f in phantom.findings}
-    for region in REGIONS:
-        f = by_region.get(region)
-        qa.append((f"Is there {article} {noun} in the {region} region?", "yes" if f else "no"))
-        if f is None:
-            continue
-        for field, values in (("intensity", INTENSITIES), ("size", SIZES)):
-            value = getattr(f, field)
-            if rng.random() < 0.5:
-                asked = _pick(rng, values)
-                qa.append(
-                    (f"Is the {noun} in the {region} region {asked}?", "yes" if asked == value else "no")
-                )
-            else:
-                qa.append((f"Is the {noun} in the {region} region {values[0]} or {values[1]}?", value))
-    if len(phantom.findings) == 1:
-        qa.append((f"Where is the {noun}?", phantom.findings[0].region))
-    return qa
-
-
 # ----------------------------------------------------------------------------- dataset
 
 
@@ -908,7 +417,7 @@ class PhantomDataset(Dataset):
         if channels not in (1, 3):
             raise InputError(f"PhantomDataset: channels must be 1 or 3, got {channels}")
         if modalities is not None:
-            modalities = tuple(_modality_name(m, "PhantomDataset.modalities") for m in modalities)
+            modalities = tuple(modality_name(m, "PhantomDataset.modalities") for m in modalities)
             if not modalities:
                 raise InputError(f"PhantomDataset: modalities is empty; expected a subset of {MODALITIES}")
         self.num_images, self.seed, self.size, self.channels = int(num_images), int(seed), int(size), channels
@@ -932,7 +441,7 @@ class PhantomDataset(Dataset):
         p = self.phantom(index)
         index %= self.num_images
         if p.image.ndim == 3:  # numpy, not torch: tiny torch ops cost more in thread start-up than work
-            chw = (p.image @ _LUMA)[None] if self.channels == 1 else p.image.transpose(2, 0, 1)
+            chw = (p.image @ LUMA)[None] if self.channels == 1 else p.image.transpose(2, 0, 1)
         else:
             chw = np.broadcast_to(p.image, (self.channels, *p.image.shape))
         image = torch.from_numpy(np.ascontiguousarray(chw * 2 - 1, dtype=np.float32))

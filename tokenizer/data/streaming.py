@@ -86,18 +86,10 @@ import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset, optimize
 
-from tokenizer.data.datasets import (
-    Augment,
-    AugmentConfig,
-    BadRow,
-    BadRowTracker,
-    ManifestRow,
-    Sample,
-    collate_samples,
-    read_manifest,
-)
+from tokenizer.data.datasets import Augment, AugmentConfig, BadRowTracker, Sample, collate_samples
 from tokenizer.data.intensity import PreprocessConfig, resize_square, to_unit
 from tokenizer.data.io import LoadedImage, read_image
+from tokenizer.data.manifest import BadRow, ManifestRow, read_manifest
 from tokenizer.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -381,7 +373,7 @@ def write_manifest_stream(
     """Convert the rows of a JSONL / CSV manifest into a LitData stream.
 
     Args:
-        manifest: manifest file (see :mod:`tokenizer.data.datasets`).
+        manifest: manifest file (see :mod:`tokenizer.data.manifest`).
         output_dir: local folder (created) or object-store URL.
         cfg: ``image_size`` and ``mr_percentiles`` are fixed into the stream.
         split: keep only rows of this split (None: all rows).

@@ -17,21 +17,20 @@ import pytest
 import torch
 from PIL import Image
 
+from tokenizer.data.datamodule import DataConfig, build_dataset
 from tokenizer.data.datasets import (
     Augment,
     AugmentConfig,
     BadRowTracker,
     BadSample,
-    DataConfig,
     FolderDataset,
     ManifestDataset,
     VolumeSliceDataset,
-    build_dataset,
     collate_samples,
-    read_manifest,
 )
 from tokenizer.data.intensity import PreprocessConfig
 from tokenizer.data.io import read_image
+from tokenizer.data.manifest import read_manifest
 from tokenizer.errors import InputError
 
 DICOM_DIR = pathlib.Path(pydicom.__file__).parent / "data" / "test_files"
@@ -344,7 +343,7 @@ def test_phantom_kind_uses_phantom_dataset(monkeypatch):
 
 
 def test_datamodule_loaders_and_bad_fraction(tmp_path):
-    from tokenizer.data.datasets import ImageDataModule
+    from tokenizer.data.datamodule import ImageDataModule
 
     for i in range(6):
         _png(tmp_path / "train" / f"{i}.png", i)
@@ -386,6 +385,7 @@ def test_datamodule_loaders_and_bad_fraction(tmp_path):
 
 def test_reading_modules_do_not_import_lightning():
     code = (
-        "import sys, tokenizer.data.datasets, tokenizer.data.intensity; assert 'lightning' not in sys.modules"
+        "import sys, tokenizer.data.datamodule, tokenizer.data.datasets, tokenizer.data.intensity, "
+        "tokenizer.data.manifest; assert 'lightning' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

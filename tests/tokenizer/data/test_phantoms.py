@@ -7,23 +7,20 @@ import pytest
 import torch
 from scipy import ndimage
 
+from tokenizer.data import phantom_text as pt
 from tokenizer.data import phantoms as ph
-from tokenizer.data.phantoms import (
-    ANSWERS,
-    DEFAULT_NOISE,
+from tokenizer.data.phantom_reader import read_phantom
+from tokenizer.data.phantom_text import ANSWERS, answer_matches, caption_for, parse_caption, phantom_questions
+from tokenizer.data.phantom_vocab import (
+    COLOR_MODALITIES,
     INTENSITIES,
     MODALITIES,
     REGIONS,
     SIZES,
     Finding,
-    PhantomDataset,
-    answer_matches,
-    caption_for,
-    make_phantom,
-    parse_caption,
-    phantom_questions,
-    read_phantom,
+    canonical_findings,
 )
+from tokenizer.data.phantoms import DEFAULT_NOISE, PhantomDataset, make_phantom
 from tokenizer.errors import InputError
 
 ALL_FINDINGS = [Finding(r, s, i) for r, s, i in itertools.product(REGIONS, SIZES, INTENSITIES)]
@@ -51,7 +48,7 @@ def test_same_seed_same_phantom_and_drawn_modality_is_consistent():
 @pytest.mark.parametrize("size", [32, 96, 128])
 def test_image_shape_dtype_and_range(modality, size):
     p = make_phantom(3, size=size, modality=modality)
-    expected = (size, size, 3) if modality in ph.COLOR_MODALITIES else (size, size)
+    expected = (size, size, 3) if modality in COLOR_MODALITIES else (size, size)
     assert p.image.shape == expected and p.image.dtype == np.float32
     assert p.image.min() >= 0.0 and p.image.max() <= 1.0
     assert p.image.std() > 0.1  # anatomy, not a flat field
@@ -76,7 +73,7 @@ def test_every_modality_region_size_intensity_and_count_is_reachable():
         counts.add((p.modality, len(p.findings)))
         seen.update((p.modality, f.region, f.size, f.intensity) for f in p.findings)
         assert len({f.region for f in p.findings}) == len(p.findings) <= 3
-        assert p.findings == ph.canonical_findings(p.findings)
+        assert p.findings == canonical_findings(p.findings)
     assert seen == set(itertools.product(MODALITIES, REGIONS, SIZES, INTENSITIES))
     assert counts == set(itertools.product(MODALITIES, range(4)))
     shares = np.array([modalities.count(m) for m in MODALITIES]) / len(modalities)
@@ -120,7 +117,7 @@ def test_bad_arguments_raise_input_error():
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_every_template_parses_back(modality):
     rng = np.random.default_rng(0)
-    for template in range(len(ph._CAPTION_TEMPLATES)):
+    for template in range(len(pt._CAPTION_TEMPLATES)):
         for _ in range(25):  # random finding sets and synonym draws
             count = int(rng.integers(1, 4))
             regions = rng.choice(len(REGIONS), size=count, replace=False)
@@ -128,9 +125,9 @@ def test_every_template_parses_back(modality):
                 Finding(REGIONS[r], SIZES[rng.integers(2)], INTENSITIES[rng.integers(2)]) for r in regions
             ]
             text = caption_for(modality, findings, rng, template=template)
-            assert parse_caption(text) == (modality, ph.canonical_findings(findings)), text
-            assert ph._COUNT_WORDS[count] in text
-    for template in range(len(ph._NORMAL_TEMPLATES)):
+            assert parse_caption(text) == (modality, canonical_findings(findings)), text
+            assert pt._COUNT_WORDS[count] in text
+    for template in range(len(pt._NORMAL_TEMPLATES)):
         text = caption_for(modality, (), rng, template=template)
         assert parse_caption(text) == (modality, ()), text
         assert "no " in text.lower() or "zero" in text.lower()
@@ -192,7 +189,7 @@ def test_reader_accepts_layouts_sizes_and_tensors():
             q = make_phantom(77, modality=modality, num_findings=2, size=size)
             assert read_phantom(q.image) == truth
     gray = make_phantom(78, modality="fundus", num_findings=1)
-    assert read_phantom(gray.image @ ph._LUMA) == ("fundus", gray.findings)  # luminance-only input
+    assert read_phantom(gray.image @ ph.LUMA) == ("fundus", gray.findings)  # luminance-only input
 
 
 def test_reader_rejects_bad_images():
@@ -221,7 +218,7 @@ def test_questions_have_closed_answers_that_match():
         qa = phantom_questions(p, rng)
         assert all(a in ANSWERS for _, a in qa)
         answers = dict(qa)
-        assert ph._COUNT_WORDS[len(p.findings)] in answers.values()
+        assert pt._COUNT_WORDS[len(p.findings)] in answers.values()
         for region in REGIONS:
             asked = [a for q, a in qa if q.startswith("Is there") and region in q]
             assert asked == ["yes" if region in {f.region for f in p.findings} else "no"]
@@ -263,7 +260,7 @@ def test_dataset_grayscale_repeat_and_luminance():
     one = PhantomDataset(8, size=32, channels=1, modalities=["fundus"])
     p, item = one.phantom(0), one[0]
     assert item["image"].shape == (1, 32, 32)
-    assert torch.allclose(item["image"][0], torch.from_numpy(p.image @ ph._LUMA) * 2 - 1, atol=1e-5)
+    assert torch.allclose(item["image"][0], torch.from_numpy(p.image @ ph.LUMA) * 2 - 1, atol=1e-5)
 
 
 def test_train_and_held_out_never_overlap():

@@ -15,8 +15,9 @@ import skimage
 import torch
 from PIL import Image
 
-from tokenizer.data.datasets import ManifestDataset, read_manifest
+from tokenizer.data.datasets import ManifestDataset
 from tokenizer.data.intensity import CT_WINDOWS, PreprocessConfig
+from tokenizer.data.manifest import read_manifest
 from tokenizer.data.realmini import (
     RealminiConfig,
     Source,
@@ -231,7 +232,7 @@ def test_data_preset_composes():
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from tokenizer.data.datasets import DataConfig
+    from tokenizer.data.datamodule import DataConfig
 
     ConfigStore.instance().store(group="schema", name="data", node=DataConfig)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenizer.data.datasets import DataConfig, ManifestDataset, build_dataset
+from tokenizer.data.datamodule import DataConfig, build_dataset
+from tokenizer.data.datasets import ManifestDataset
 from tokenizer.data.intensity import CT_WINDOWS, PreprocessConfig, resize_square
 from tokenizer.data.io import LoadedImage
 from tokenizer.data.phantoms import PhantomDataset
@@ -285,7 +286,7 @@ def test_not_a_stream(tmp_path):
 def test_stream_kind_in_config_and_data_module(streams):
     from litdata import StreamingDataLoader
 
-    from tokenizer.data.datasets import ImageDataModule
+    from tokenizer.data.datamodule import ImageDataModule
 
     with pytest.raises(ValueError, match="needs a path"):
         DataConfig(kind="stream")
@@ -316,7 +317,7 @@ def test_lightning_checkpoint_resumes_the_stream_position(streams, tmp_path):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from tokenizer.data.datasets import ImageDataModule
+    from tokenizer.data.datamodule import ImageDataModule
 
     class Recorder(L.LightningModule):
         def __init__(self) -> None:
