@@ -3,8 +3,10 @@
 Stage ``visual`` pulls the pooled post-quantisation tokens towards a frozen vision teacher's global
 embedding of the same image; stage ``text`` towards a frozen text encoder's embedding of the caption;
 stage ``recon`` has no alignment. MedITok's teacher for both is BiomedCLIP
-(:data:`BIOMEDCLIP`, an open_clip ``hf-hub:`` model: ViT-B/16 image tower, PubMedBERT text tower,
-context 256); :meth:`TeacherConfig.biomedclip` / :meth:`TextEncoderConfig.biomedclip` select it.
+(:data:`tokenizer.frozen.BIOMEDCLIP`, an open_clip ``hf-hub:`` model: ViT-B/16 image tower, PubMedBERT
+text tower, context 256); :meth:`TeacherConfig.biomedclip` /
+:meth:`tokenizer.text_encoder.TextEncoderConfig.biomedclip` select it. The text encoders live in
+:mod:`tokenizer.text_encoder`; this module holds the vision teacher and the contrastive loss.
 
 ``pretrained=None`` builds every teacher with random weights from its ``seed`` (identical on every
 rank), which is what tests use; the ``builtin`` kinds are small random stand-ins for the CPU demo
@@ -13,14 +15,8 @@ and say so in ``.description``. Nothing here touches the network unless a config
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import logging
 import math
-import re
-from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,22 +27,16 @@ from torch import nn
 
 from tokenizer.distributed import world_size
 from tokenizer.errors import InputError
+from tokenizer.frozen import BIOMEDCLIP, FrozenModule, check_choice, frozen, open_clip_model, seeded
+from tokenizer.text_encoder import TextEncoderConfig
 
 log = logging.getLogger(__name__)
-
-BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
-"""MedITok's teacher (image and text towers), loaded through open_clip."""
 
 STAGE_WEIGHTS = {"visual": 0.1, "text": 1.0, "recon": 0.0}
 """Default λ per stage (MedITok): 0.1 for the vision teacher, 1.0 for the text encoder."""
 
 BUILTIN_VISION_SIZE = 32
 """Input size of the builtin vision teacher when ``image_size`` is None (cheap on CPU)."""
-
-
-def _check_choice(owner: str, name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise InputError(f"{owner}.{name}: expected one of {tuple(choices)}, got {value!r}")
 
 
 @dataclass
@@ -68,7 +58,7 @@ class TeacherConfig:
     """Seed of the random initialisation, so every rank builds the same random teacher."""
 
     def __post_init__(self) -> None:
-        _check_choice("TeacherConfig", "kind", self.kind, ("open_clip", "timm", "builtin"))
+        check_choice("TeacherConfig", "kind", self.kind, ("open_clip", "timm", "builtin"))
         if self.kind == "builtin":
             self.name = self.name or "test_vit"  # 0.3M parameters: cheap on CPU
             self.image_size = self.image_size or BUILTIN_VISION_SIZE
@@ -84,49 +74,6 @@ class TeacherConfig:
     @classmethod
     def biomedclip(cls) -> TeacherConfig:
         """MedITok's choice: BiomedCLIP's ViT-B/16 image tower, weights from the hub."""
-        return cls(kind="open_clip", name=BIOMEDCLIP, pretrained="hub")
-
-
-@dataclass
-class TextEncoderConfig:
-    """A frozen text encoder for captions."""
-
-    kind: str = "builtin"
-    """"open_clip" (text tower), "hf" (Hugging Face BERT-family AutoModel) or "builtin" (hashed words)."""
-    name: str = ""
-    """open_clip name / ``hf-hub:`` id, or HF hub id / local directory of the architecture and tokenizer."""
-    pretrained: str | None = None
-    """None = random init from ``seed``; a local weights file/directory; "hub" = weights by ``name``
-    (HF: a local directory or hub id holding weights and tokenizer)."""
-    context_length: int = 256
-    """Tokens kept per caption (also capped by the model's own maximum)."""
-    embed_dim: int = 64
-    """Output width of the builtin encoder."""
-    pooling: str = "mean"
-    """HF only: "mean" over the attention mask or "cls" (first token)."""
-    cache_size: int = 4096
-    """Captions whose embeddings are kept (LRU); 0 disables the cache."""
-    num_buckets: int = 4096
-    """Builtin only: hash buckets of the bag of words."""
-    seed: int = 0
-    """Seed of the random initialisation / builtin tables."""
-
-    def __post_init__(self) -> None:
-        _check_choice("TextEncoderConfig", "kind", self.kind, ("open_clip", "hf", "builtin"))
-        _check_choice("TextEncoderConfig", "pooling", self.pooling, ("mean", "cls"))
-        if self.kind == "builtin" and self.pretrained is not None:
-            raise InputError("TextEncoderConfig.pretrained: the builtin encoder is random; use kind='hf'")
-        if self.kind != "builtin" and not self.name:
-            raise InputError(f"TextEncoderConfig.name: a {self.kind} model name is required")
-        for name in ("context_length", "embed_dim", "num_buckets"):
-            if getattr(self, name) <= 0:
-                raise InputError(f"TextEncoderConfig.{name}: expected > 0, got {getattr(self, name)}")
-        if self.cache_size < 0:
-            raise InputError(f"TextEncoderConfig.cache_size: expected >= 0, got {self.cache_size}")
-
-    @classmethod
-    def biomedclip(cls) -> TextEncoderConfig:
-        """MedITok's choice: BiomedCLIP's PubMedBERT text tower (context 256), weights from the hub."""
         return cls(kind="open_clip", name=BIOMEDCLIP, pretrained="hub")
 
 
@@ -156,32 +103,13 @@ class AlignmentConfig:
         return STAGE_WEIGHTS[self.stage] if self.weight is None else self.weight
 
     def __post_init__(self) -> None:
-        _check_choice("AlignmentConfig", "stage", self.stage, tuple(STAGE_WEIGHTS))
+        check_choice("AlignmentConfig", "stage", self.stage, tuple(STAGE_WEIGHTS))
         if self.weight is not None and self.weight < 0:
             raise InputError(f"AlignmentConfig.weight: expected >= 0, got {self.weight}")
         if self.init_temperature <= 0:
             raise InputError(f"AlignmentConfig.init_temperature: expected > 0, got {self.init_temperature}")
         if self.max_logit_scale <= 0:
             raise InputError(f"AlignmentConfig.max_logit_scale: expected > 0, got {self.max_logit_scale}")
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Run a random initialisation from ``seed`` without touching the caller's RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _frozen(module: nn.Module) -> nn.Module:
-    return module.eval().requires_grad_(False)
-
-
-class _FrozenModule(nn.Module):
-    """A module that stays in eval mode whatever ``.train()`` its parent calls."""
-
-    def train(self, mode: bool = True) -> _FrozenModule:
-        return super().train(False)
 
 
 # ---------------------------------------------------------------------------------------------- vision
@@ -238,12 +166,12 @@ class ImagePreprocess(nn.Module):
         return (x - self.mean) / self.std
 
 
-class VisionTeacher(_FrozenModule):
+class VisionTeacher(FrozenModule):
     """A frozen image encoder: (B, C, H, W) in [-1, 1] → (B, D) l2-normalised global embedding."""
 
     def __init__(self, backbone: nn.Module, preprocess: ImagePreprocess, description: str) -> None:
         super().__init__()
-        self.backbone, self.preprocess, self.description = _frozen(backbone), preprocess, description
+        self.backbone, self.preprocess, self.description = frozen(backbone), preprocess, description
         with torch.no_grad():
             self.embed_dim = int(self.backbone(torch.zeros(1, 3, preprocess.size, preprocess.size)).shape[-1])
 
@@ -257,38 +185,11 @@ class VisionTeacher(_FrozenModule):
         return F.normalize(self.features(x), dim=-1)
 
 
-def _open_clip_model(name: str, pretrained: str | None, seed: int, **force):
-    """An open_clip model (random when ``pretrained`` is None) and a description of its weights."""
-    import open_clip
-
-    common = dict(pretrained_image=False, pretrained_text=False, **force)
-    path = Path(pretrained) if pretrained not in (None, "hub") else None
-    with _seeded(seed):
-        if pretrained is None:
-            return open_clip.create_model(
-                name, load_weights=False, **common
-            ), f"open_clip {name}, RANDOM weights"
-        if pretrained == "hub":
-            model = open_clip.create_model(name, require_pretrained=True, **common)
-        elif path.is_dir():
-            model = open_clip.create_model(f"local-dir:{path}", require_pretrained=True, **common)
-        elif path.is_file():
-            model = open_clip.create_model(name, load_weights=False, **common)
-            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-        elif pretrained in open_clip.list_pretrained_tags_by_model(name):
-            model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=True, **common)
-        else:
-            raise InputError(
-                f"pretrained={pretrained!r} for open_clip {name!r}: no such file, directory or tag"
-            )
-    return model, f"open_clip {name}, weights {pretrained}"
-
-
 def _open_clip_vision(cfg: TeacherConfig) -> VisionTeacher:
     import open_clip
 
     force = {"force_image_size": cfg.image_size} if cfg.image_size else {}
-    model, desc = _open_clip_model(cfg.name, cfg.pretrained, cfg.seed, **force)
+    model, desc = open_clip_model(cfg.name, cfg.pretrained, cfg.seed, **force)
     pp = open_clip.get_model_preprocess_cfg(model)
     size = pp["size"][0] if isinstance(pp["size"], (tuple, list)) else pp["size"]
     resize_mode = "squash" if pp.get("resize_mode") == "squash" else "shortest"
@@ -316,7 +217,7 @@ def _timm_model(cfg: TeacherConfig, num_classes: int) -> tuple[nn.Module, str]:
         desc = f"timm {cfg.name}, weights {cfg.pretrained}"
     else:
         raise InputError(f"TeacherConfig.pretrained={cfg.pretrained!r}: no such file or directory")
-    with _seeded(cfg.seed):
+    with seeded(cfg.seed):
         if cfg.image_size is not None:
             try:
                 return timm.create_model(name, img_size=cfg.image_size, **kwargs), desc
@@ -351,144 +252,6 @@ def build_vision_teacher(cfg: TeacherConfig) -> VisionTeacher:
     teacher = _VISION_BUILDERS[cfg.kind](cfg)
     log.info("vision teacher: %s (embed_dim %d)", teacher.description, teacher.embed_dim)
     return teacher
-
-
-# ---------------------------------------------------------------------------------------------- text
-class TextEncoder(_FrozenModule):
-    """A frozen caption encoder: list of B strings → (B, D) l2-normalised embeddings.
-
-    Subclasses implement ``_encode``; this class de-duplicates a batch and keeps an LRU cache of
-    ``cache_size`` captions (captions repeat a lot), so a caption is encoded once.
-    """
-
-    def __init__(self, cfg: TextEncoderConfig, embed_dim: int, description: str) -> None:
-        super().__init__()
-        self.config, self.embed_dim, self.description = cfg, embed_dim, description
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    def _encode(self, texts: list[str]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _device(self) -> torch.device:
-        return next(itertools.chain(self.parameters(), self.buffers())).device
-
-    @torch.no_grad()
-    def forward(self, texts: list[str]) -> torch.Tensor:
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts) or not texts:
-            raise InputError(
-                f"text encoder: expected a non-empty list of strings, got {type(texts).__name__}"
-            )
-        unique = list(dict.fromkeys(texts))
-        found = {t: self._cache[t] for t in unique if t in self._cache}
-        for t in found:
-            self._cache.move_to_end(t)
-        missing = [t for t in unique if t not in found]
-        if missing:
-            rows = F.normalize(self._encode(missing).float(), dim=-1)
-            found.update((t, row.clone()) for t, row in zip(missing, rows, strict=True))
-            if self.config.cache_size:
-                self._cache.update((t, found[t]) for t in missing)
-                while len(self._cache) > self.config.cache_size:
-                    self._cache.popitem(last=False)
-        device = self._device()
-        return torch.stack([found[t].to(device) for t in texts])
-
-
-class _OpenClipText(TextEncoder):
-    def __init__(self, cfg: TextEncoderConfig) -> None:
-        import open_clip
-
-        model, desc = _open_clip_model(cfg.name, cfg.pretrained, cfg.seed)
-        model.visual = None  # the image tower is not needed to embed text
-        length = min(cfg.context_length, int(getattr(model, "context_length", cfg.context_length)))
-        local = cfg.pretrained not in (None, "hub") and Path(cfg.pretrained).is_dir()
-        tokenizer = open_clip.get_tokenizer(
-            f"local-dir:{cfg.pretrained}" if local else cfg.name, context_length=length
-        )
-        with torch.no_grad():
-            dim = int(model.encode_text(tokenizer([""])).shape[-1])
-        super().__init__(cfg, dim, desc)
-        self.model, self.tokenizer = _frozen(model), tokenizer
-
-    def _encode(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(texts).to(self._device()))
-
-
-class _HFText(TextEncoder):
-    def __init__(self, cfg: TextEncoderConfig) -> None:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-        source = cfg.name if cfg.pretrained in (None, "hub") else cfg.pretrained
-        code = {"trust_remote_code": False}  # configs naming Python code are refused, never run (no prompt)
-        tokenizer = AutoTokenizer.from_pretrained(source, **code)
-        if cfg.pretrained is None:
-            with _seeded(cfg.seed):
-                model = AutoModel.from_config(AutoConfig.from_pretrained(source, **code), **code)
-            desc = f"hf {cfg.name} ({cfg.pooling} pooling), RANDOM weights (seed {cfg.seed})"
-        else:
-            model = AutoModel.from_pretrained(source, use_safetensors=True, **code)
-            desc = f"hf {source} ({cfg.pooling} pooling)"
-        limits = [cfg.context_length, getattr(model.config, "max_position_embeddings", None)]
-        limits.append(tokenizer.model_max_length if tokenizer.model_max_length < 10**6 else None)
-        super().__init__(cfg, int(model.config.hidden_size), desc)
-        self.model, self.tokenizer = _frozen(model), tokenizer
-        self.max_length = min(n for n in limits if n)
-
-    def _encode(self, texts: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        batch = {k: v.to(self._device()) for k, v in batch.items()}
-        hidden = self.model(**batch).last_hidden_state  # (B, T, D)
-        if self.config.pooling == "cls":
-            return hidden[:, 0]
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
-
-
-class _HashedBagOfWords(TextEncoder):
-    """Random stand-in text encoder that keeps word overlap and needs no files.
-
-    word → stable hash bucket → row of a fixed random table (seeded) → mean over the words →
-    fixed random linear map → l2. Two captions sharing words get correlated embeddings.
-    """
-
-    def __init__(self, cfg: TextEncoderConfig) -> None:
-        d = cfg.embed_dim
-        desc = (
-            f"builtin: RANDOM hashed bag of words ({cfg.num_buckets} buckets, dim {d}, seed {cfg.seed}) — "
-            "a stand-in, not a pretrained text encoder"
-        )
-        super().__init__(cfg, d, desc)
-        g = torch.Generator().manual_seed(cfg.seed)
-        self.register_buffer("table", torch.randn(cfg.num_buckets, d, generator=g), persistent=False)
-        self.register_buffer("proj", torch.randn(d, d, generator=g) / math.sqrt(d), persistent=False)
-
-    def _bucket(self, word: str) -> int:
-        digest = hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest()
-        return int.from_bytes(digest, "little") % self.config.num_buckets
-
-    def _encode(self, texts: list[str]) -> torch.Tensor:
-        ids, offsets = [], []
-        for text in texts:
-            words = re.findall(r"[a-z0-9]+", text.lower())[: self.config.context_length] or [""]
-            offsets.append(len(ids))
-            ids.extend(self._bucket(w) for w in words)
-        device = self.table.device
-        bags = F.embedding_bag(
-            torch.tensor(ids, device=device), self.table, torch.tensor(offsets, device=device), mode="mean"
-        )
-        return bags @ self.proj
-
-
-_TEXT_BUILDERS = {"open_clip": _OpenClipText, "hf": _HFText, "builtin": _HashedBagOfWords}
-
-
-def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
-    """The frozen text encoder described by ``cfg`` (random weights when ``cfg.pretrained`` is None)."""
-    encoder = _TEXT_BUILDERS[cfg.kind](cfg)
-    log.info("text encoder: %s (embed_dim %d)", encoder.description, encoder.embed_dim)
-    return encoder
 
 
 # ---------------------------------------------------------------------------------------------- loss

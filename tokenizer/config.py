@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenizer.alignment import TextEncoderConfig
 from tokenizer.data.intensity import PreprocessConfig
 from tokenizer.errors import InputError
+from tokenizer.text_encoder import TextEncoderConfig
 
 QUANTIZER_KINDS = ("vq", "fsq", "lfq")
 """Quantizer families: multi-codebook VQ, finite scalar quantization, lookup-free quantization."""

@@ -272,7 +272,7 @@ class ImageTokenizer(nn.Module):
         self.align_head = _align_head(latent, config.embed_dim) if config.embed_dim is not None else None
         self.text_encoder: nn.Module | None = None
         if config.text_encoder is not None:
-            from tokenizer.alignment import build_text_encoder
+            from tokenizer.text_encoder import build_text_encoder
 
             self.text_encoder = build_text_encoder(config.text_encoder)
             text_dim = self.text_encoder.embed_dim

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizer.alignment import AlignmentConfig, ContrastiveLoss, build_text_encoder, build_vision_teacher
+from tokenizer.alignment import AlignmentConfig, ContrastiveLoss, build_vision_teacher
 from tokenizer.config import TokenizerConfig
 from tokenizer.discriminator import DiscriminatorConfig, build_discriminator
 from tokenizer.guard import LossGuard
@@ -30,6 +30,7 @@ from tokenizer.losses import (
     hinge_g_loss,
 )
 from tokenizer.model import ImageTokenizer
+from tokenizer.text_encoder import build_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +313,8 @@ def train_config_to_dict(config: TokenizerTrainConfig) -> dict:
 
 
 def train_config_from_dict(d: dict) -> TokenizerTrainConfig:
-    from tokenizer.alignment import TeacherConfig, TextEncoderConfig
+    from tokenizer.alignment import TeacherConfig
+    from tokenizer.text_encoder import TextEncoderConfig
 
     align = dict(d.get("alignment", {}))
     align["teacher"] = TeacherConfig(**align.get("teacher", {}))

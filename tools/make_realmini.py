@@ -29,7 +29,6 @@ from rich.table import Table
 
 from tokenizer.data.intensity import CT_WINDOWS
 from tokenizer.data.realmini import (
-    PACKAGES,
     FoundPackage,
     RealminiConfig,
     Skip,
@@ -37,8 +36,9 @@ from tokenizer.data.realmini import (
     assign_splits,
     discover_sources,
     find_packages,
-    render_source,
 )
+from tokenizer.data.realmini_catalogue import PACKAGES
+from tokenizer.data.realmini_render import render_source
 from tokenizer.errors import InputError
 
 SPLITS = ("train", "test")

@@ -12,12 +12,12 @@ import lm.evaluation as ev
 from lm.data import text_to_image_prompt
 from lm.evaluation import evaluate_generation, evaluate_understanding
 from lm.held_out import GenerationEvalConfig, PhantomItems, ShardItems, UnderstandingEvalConfig
-from tokenizer.alignment import TextEncoderConfig
 from tokenizer.api import create_tokenizer
 from tokenizer.data.phantoms import PhantomDataset
 from tokenizer.encode import row_metadata
 from tokenizer.errors import InputError
 from tokenizer.shards import ShardWriter
+from tokenizer.text_encoder import TextEncoderConfig
 
 N = 5
 

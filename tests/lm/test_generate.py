@@ -253,7 +253,7 @@ def test_decode_speed_against_hf_llama():
     The reference is HF ``LlamaForCausalLM.generate`` of the same size producing the image as h*w*K flat
     sub-code tokens for the doubled (cond + uncond) batch; ``tools/benchmark.py`` also reports the h*w-token one.
     """
-    from tools.benchmark import decode_ms_per_position
+    from tools.bench_lm import decode_ms_per_position
 
     torch.set_num_threads(1)  # the CPU is shared; one thread keeps both sides comparable
     vocab = Vocab(num_text=256, num_codebooks=2, codebook_size=16, grid=(8, 8))

@@ -186,7 +186,7 @@ def _tiny_bert(directory: Path) -> Path:
 
 
 def test_hf_text_encoder_reads_safetensors_only(tmp_path, marker):
-    from tokenizer.alignment import TextEncoderConfig, build_text_encoder
+    from tokenizer.text_encoder import TextEncoderConfig, build_text_encoder
 
     directory = _tiny_bert(tmp_path / "bert")
     cfg = TextEncoderConfig(kind="hf", name=str(directory), pretrained=str(directory))
@@ -235,7 +235,7 @@ def test_configs_naming_code_are_never_imported(tmp_path, marker):
     from lm.config import lm_config
     from lm.model import HFBackbone
     from lm.text_tokenizer import TextTokenizer
-    from tokenizer.alignment import TextEncoderConfig, build_text_encoder
+    from tokenizer.text_encoder import TextEncoderConfig, build_text_encoder
 
     llama = _tiny_llama(tmp_path / "llama")
     _code_config(llama, marker, "config.json")

@@ -1,4 +1,4 @@
-"""Teachers, text encoders and the contrastive loss of tokenizer/alignment.py."""
+"""Teachers, text encoders and the contrastive loss of tokenizer/alignment.py and tokenizer/text_encoder.py."""
 
 import json
 import math
@@ -13,18 +13,17 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from tokenizer.alignment import (
-    BIOMEDCLIP,
     AlignmentConfig,
     ContrastiveLoss,
     ImagePreprocess,
     TeacherConfig,
-    TextEncoderConfig,
-    build_text_encoder,
     build_vision_teacher,
     class_prompts,
     zero_shot_logits,
 )
 from tokenizer.errors import InputError
+from tokenizer.frozen import BIOMEDCLIP
+from tokenizer.text_encoder import TextEncoderConfig, build_text_encoder
 
 TINY_CLIP = {
     "embed_dim": 24,

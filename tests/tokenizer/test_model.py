@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
-import tokenizer.alignment
+import tokenizer.text_encoder
 from tokenizer.config import ARCHITECTURES as ARCHITECTURE_NAMES
 from tokenizer.config import PRESETS, TokenizerConfig, create_config
 from tokenizer.errors import InputError
@@ -100,9 +100,9 @@ def test_from_dict_names_unknown_and_mistyped_keys():
 
 
 def test_text_encoder_config_round_trips():
-    cfg = create_config("tiny", text_encoder=tokenizer.alignment.TextEncoderConfig(), embed_dim=64)
+    cfg = create_config("tiny", text_encoder=tokenizer.text_encoder.TextEncoderConfig(), embed_dim=64)
     restored = TokenizerConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
-    assert restored == cfg and isinstance(restored.text_encoder, tokenizer.alignment.TextEncoderConfig)
+    assert restored == cfg and isinstance(restored.text_encoder, tokenizer.text_encoder.TextEncoderConfig)
 
 
 def test_create_config_overrides():
@@ -290,8 +290,8 @@ def test_embed_text_uses_configured_encoder(monkeypatch, tiny):
         built.append(cfg)
         return _FakeTextEncoder()
 
-    monkeypatch.setattr(tokenizer.alignment, "build_text_encoder", fake_build)
-    text_cfg = tokenizer.alignment.TextEncoderConfig()
+    monkeypatch.setattr(tokenizer.text_encoder, "build_text_encoder", fake_build)
+    text_cfg = tokenizer.text_encoder.TextEncoderConfig()
     model = ImageTokenizer(create_config("tiny", text_encoder=text_cfg, embed_dim=6))
     assert built == [text_cfg]
     out = model.embed_text(["left lung nodule", "normal"])

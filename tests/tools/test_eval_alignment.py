@@ -7,9 +7,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from tokenizer.alignment import TextEncoderConfig
 from tokenizer.api import create_tokenizer
 from tokenizer.checkpoint import save_tokenizer
+from tokenizer.text_encoder import TextEncoderConfig
 from tools.eval_alignment import evaluate
 from tools.schemas import EvalAlignmentRun
 

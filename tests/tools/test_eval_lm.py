@@ -10,8 +10,8 @@ from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
 
 import lm
-from tokenizer.alignment import TextEncoderConfig
 from tokenizer.api import create_tokenizer
+from tokenizer.text_encoder import TextEncoderConfig
 from tools import eval_generation, eval_understanding
 from tools.quickstart_report import json_numbers
 from tools.schemas import EvalGenerationRun, EvalUnderstandingRun, command_line, compose

@@ -4,27 +4,20 @@ Sources (found installed, or in unpacked wheels given as extra roots; nothing is
 
 - ``pydicom`` (``pydicom/data/test_files``) and ``pydicom-data`` (``data_store/data``, the optional
   ``data`` extra): every DICOM file whose Modality tag names an imaging modality (CT, MR, CR / DX, US;
-  NM / PT become "other"); the catalogue (``DICOM_NOTES``) adds licences and exclusions.
+  NM / PT become "other"); the catalogue (:mod:`tokenizer.data.realmini_catalogue`) adds licences
+  and exclusions.
 - ``nibabel`` (``tests/data``): the EPI MR volume; ``nilearn`` (``datasets/data``): the MNI ICBM152 T1
   template; ``scikit-image`` (``data``): retina fundus, microaneurysm fundus detail, immunohistochemistry.
 
 Pipeline: :func:`find_packages` -> :func:`discover_sources` (read headers, group re-encodings and crops
 of one image, decode one representative per group) -> :func:`assign_splits` (by source, never by
 slice or tile: per modality, ~``test_fraction`` of the sources in SHA-256 order of their key, at
-least one each way; a modality's only source goes to test) -> :func:`render_source` (slices / frames
--> intensity -> pyramid tiles) -> 8-bit PNGs plus ``manifest.jsonl`` rows in the DESIGN §4 format
-(written by ``tools/make_realmini.py``). Images smaller than ``min_side`` are skipped, not upsampled.
+least one each way; a modality's only source goes to test) ->
+:func:`tokenizer.data.realmini_render.render_source` (slices / frames -> intensity -> pyramid tiles) ->
+8-bit PNGs plus ``manifest.jsonl`` rows in the DESIGN §4 format (written by ``tools/make_realmini.py``).
+Images smaller than ``min_side`` are skipped, not upsampled.
 
-Intensity: :func:`tokenizer.data.intensity.to_unit` per 2D image (CT: the eval window for test
-sources, ``train_ct_windows`` for train sources, one PNG per window; MR / X-ray / US scalar images:
-percentiles; 8-bit photos: / 255). The PNGs are 8-bit and already intensity-mapped, so a
-``ManifestDataset`` reading them applies only ``/ 255``.
-
-Tiling: each 2D image is resized so its shorter side is ``size * 2**l`` for every level that does not
-upsample past the native resolution (level 0 always exists), plus the native resolution when it is at
-least 1.5x the last level; each level is cut into a centred grid of ``size``-square tiles. Tiles that
-are near-constant or mostly background are dropped; ``max_per_source`` keeps evenly spaced ones.
-Train sources are tiled with half-tile overlap above level 0 (more crops, never shared with test).
+Intensity mapping and tiling: :mod:`tokenizer.data.realmini_render`.
 
 Captions are metadata captions: built from what the file or the catalogue says (modality, body part,
 view / slice axis / frame, CT window, tile scale), not written by a reader of the image.
@@ -40,146 +33,25 @@ import math
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokenizer.data.decoders import DICOM_MODALITIES
 from tokenizer.data.intensity import CT_WINDOWS, PreprocessConfig, to_unit
-from tokenizer.data.io import DICOM_MODALITIES, LoadedImage, read_image, read_volume, volume_slice
+from tokenizer.data.io import LoadedImage, read_image, read_volume
+from tokenizer.data.realmini_catalogue import DICOM_NOTES, PACKAGES, FileSpec, dicom_caption, dicom_group
 from tokenizer.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-# ----------------------------------------------------------------------------------------------
-# Catalogue: what each package ships and where it came from.
-
-_NEMA = "NEMA WG04 DICOM test images (no restriction stated), redistributed with pydicom (MIT)"
-_GDCM = "BSD-3-Clause (GDCM test data), redistributed with pydicom (MIT)"
-_TCIA = "TCIA de-identified data (CC BY 3.0), redistributed with pydicom (MIT)"
-_PYDICOM = "MIT (pydicom); origin per pydicom/data/test_files/README.txt"
-_PYDICOM_DATA = "MIT (pydicom-data); origin per pydicom/data/test_files/README.txt"
-
-
-@dataclass(frozen=True)
-class FileSpec:
-    """What the catalogue knows about one file (non-DICOM) or one DICOM image group."""
-
-    modality: str | None = None
-    """Canonical modality; None: from the DICOM Modality tag."""
-    description: str | None = None
-    """Caption base; None: built from the DICOM header."""
-    licence: str | None = None
-    """Licence of this image; None: the package's."""
-    volume: bool = False
-    """A 3D volume sliced along all three axes (NIfTI)."""
-    exclude: str | None = None
-    """Why the image is left out although its header looks usable."""
-
-
-@dataclass(frozen=True)
-class PackageSpec:
-    """A package that ships medical images."""
-
-    import_name: str
-    """Top-level import name, used to find the installed copy."""
-    data_dir: str
-    """Folder holding the images, relative to the folder that contains the import package."""
-    licence: str
-    """Licence recorded for images the catalogue has no better note for."""
-    files: dict[str, FileSpec] = field(default_factory=dict)
-    """Non-DICOM packages: the files used, by name (every other file is ignored)."""
-    scan_dicom: bool = False
-    """Use every DICOM file under ``data_dir`` (modality from its tags)."""
-
-
-# DICOM image groups, by the key :func:`dicom_group` gives: catalogue notes beyond the header.
-DICOM_NOTES: dict[str, FileSpec] = {
-    **{k: FileSpec(licence=_NEMA) for k in ("ct_small", "mr_small", "mr2", "rg1", "rg3", "us1", "nm1")},
-    "ect_supplemental": FileSpec(exclude="CT perfusion map with a supplemental palette: values are not HU"),
-    "gdcm-us-aloka-16": FileSpec(licence=_GDCM),
-    "mr-siemens-dicom-withoverlays": FileSpec(licence=_GDCM),
-    "explicit_vr-un": FileSpec(licence=_TCIA),
-}
-# Files that are crops, renames or re-encodings of another image (pydicom's README says which).
-DICOM_ALIASES: dict[str, str] = {
-    "examples_jpeg2k.dcm": "us1",
-    "examples_rgb_color.dcm": "us1",
-    "examples_overlay.dcm": "mr-siemens-dicom-withoverlays",
-    "examples_palette.dcm": "obxxxx1a",
-    "examples_ybr_color.dcm": "color3d_jpeg_baseline",
-    "no_meta.dcm": "ct_small",
-    "color-px.dcm": "color-pl",
-    **{
-        f: "nm1"
-        for f in ("JPEG-LL.dcm", "JPEG-lossy.dcm", "JPGExtended.dcm", "JPEG2000.dcm", "JPEG2000_UNC.dcm")
-    },
-    "JPEG2000-embedded-sequence-delimiter.dcm": "nm1",
-}
-_ENCODING_TOKENS = frozenset(
-    ["j2ki", "j2kr", "unci", "uncr", "rle", "expb", "bigendian", "big", "endian", "implicit", "padded"]
-    + ["jp2klossless", "jpeg", "ls", "2k", "lossless", "too", "short", "1frame", "2frame", "16bit", "32bit"]
-)
 _NOT_DICOM_SUFFIXES = (".txt", ".json", ".dump", ".py", ".pyc", ".pyi", ".icc", ".gz", ".md", ".rst", ".csv")
 _LOSSY_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 81, 91, 93, 203))
 _UNCOMPRESSED_SYNTAXES = frozenset(["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"])
 _EXTRA_DICOM_MODALITIES = {"NM": "other", "PT": "other"}
-
-PACKAGES: dict[str, PackageSpec] = {
-    "pydicom": PackageSpec("pydicom", "pydicom/data/test_files", _PYDICOM, scan_dicom=True),
-    "pydicom-data": PackageSpec("data_store", "data_store/data", _PYDICOM_DATA, scan_dicom=True),
-    "nibabel": PackageSpec(
-        "nibabel",
-        "nibabel/tests/data",
-        "MIT (nibabel test data)",
-        {"example4d.nii.gz": FileSpec("mr", "functional MRI (EPI) of the brain", volume=True)},
-    ),
-    "nilearn": PackageSpec(
-        "nilearn",
-        "nilearn/datasets/data",
-        "BSD-3-Clause (nilearn)",
-        {
-            "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz": FileSpec(
-                "mr",
-                "T1-weighted MRI brain template (MNI ICBM152)",
-                "MNI ICBM152 2009 licence (copyright McConnell Brain Imaging Centre; use with "
-                "attribution), redistributed with nilearn (BSD-3-Clause)",
-                volume=True,
-            )
-        },
-    ),
-    "scikit-image": PackageSpec(
-        "skimage",
-        "skimage/data",
-        "BSD-3-Clause (scikit-image)",
-        {
-            "retina.jpg": FileSpec("fundus", "colour fundus photograph of a normal left eye", "CC0-1.0"),
-            "microaneurysms.png": FileSpec(
-                "fundus", "fundus photograph detail (green channel) with microaneurysms", "CC0-1.0"
-            ),
-            "ihc.png": FileSpec(
-                "histology",
-                "immunohistochemistry of colonic glands (DAB, haematoxylin counterstain)",
-                "no known copyright restrictions (scikit-image data)",
-            ),
-        },
-    ),
-}
-
-_BODY_PARTS = {
-    "head": "head", "brain": "brain", "chest": "chest", "thorax": "chest", "abdomen": "abdomen",
-    "liver": "liver", "pancreas": "pancreas", "pelvis": "pelvis", "shoulder": "shoulder", "knee": "knee",
-    "cspine": "cervical spine", "spine": "spine", "extremity": "extremity", "heart": "heart",
-    "echocardiogram": "heart", "breast": "breast", "wholebody": "whole body", "whole": "whole body",
-}  # fmt: skip
-_MODALITY_PHRASES = {
-    "ct": "CT image", "mr": "MRI", "xray": "radiograph", "us": "ultrasound image", "fundus": "fundus photograph",
-    "histology": "histology image", "other": "nuclear medicine image",
-}  # fmt: skip
-_AXIS_NAMES = ("sagittal", "coronal", "axial")
 
 
 @dataclass
@@ -342,29 +214,6 @@ class Skip:
     reason: str
 
 
-def dicom_group(name: str) -> str:
-    """Group key of a DICOM file name: aliases first, else the stem without encoding suffixes."""
-    if name in DICOM_ALIASES:
-        return DICOM_ALIASES[name]
-    tokens = name.removesuffix(".dcm").split("_")
-    while len(tokens) > 1 and tokens[-1].lower() in _ENCODING_TOKENS:
-        tokens.pop()
-    return "_".join(tokens).lower()
-
-
-def _dicom_caption(ds: Any, modality: str) -> str:
-    code = str(ds.get("Modality", "")).upper()
-    phrase = {"NM": "nuclear medicine scan", "PT": "PET image"}.get(code, _MODALITY_PHRASES[modality])
-    for tag in ("BodyPartExamined", "StudyDescription", "SeriesDescription"):
-        words = re.split(r"[^a-z]+", str(ds.get(tag, "")).lower())
-        part = next((_BODY_PARTS[w] for w in words if w in _BODY_PARTS), None)
-        if part:
-            phrase += f" of the {part}"
-            break
-    view = str(ds.get("ViewPosition", "")).strip()
-    return f"{phrase}, {view} view" if view else phrase
-
-
 def _dicom_sources(package: FoundPackage, cfg: RealminiConfig, skips: list[Skip]) -> Iterator[Source]:
     """Undecoded sources for every DICOM file of ``package`` whose header looks usable."""
     import pydicom
@@ -394,7 +243,7 @@ def _dicom_sources(package: FoundPackage, cfg: RealminiConfig, skips: list[Skip]
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
             rank = (syntax in _LOSSY_SYNTAXES, -rows * cols * frames, syntax not in _UNCOMPRESSED_SYNTAXES)
-            caption = note.description or _dicom_caption(ds, modality)
+            caption = note.description or dicom_caption(ds, modality)
             licence = note.licence or PACKAGES[package.name].licence
             kind = "frames" if frames > 1 else "image"
             rank += (len(path.name), path.name)
@@ -506,131 +355,3 @@ def assign_splits(sources: Sequence[Source], test_fraction: float) -> dict[str, 
         num_test = 1 if len(keys) == 1 else min(max(1, round(test_fraction * len(keys))), len(keys) - 1)
         splits.update({key: "test" if rank < num_test else "train" for rank, key in enumerate(keys)})
     return splits
-
-
-# ----------------------------------------------------------------------------------------------
-# Rendering one source: views -> windows -> tiles.
-
-
-@dataclass
-class Tile:
-    """One output image before it is written."""
-
-    pixels: np.ndarray
-    """float32 (size, size) or (size, size, 3) in [0, 1]."""
-    fields: dict[str, Any]
-    """Manifest fields beyond image / split (caption, modality, source_*, scale, tile, ...)."""
-
-
-def _resize(unit: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Antialiased bicubic resize of (H, W[, 3]) values in [0, 1], clamped to [0, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(unit))
-    x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
-    y = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)[0]
-    y = y.clamp(0.0, 1.0)
-    return (y[0] if unit.ndim == 2 else y.permute(1, 2, 0)).numpy()
-
-
-def pyramid(
-    unit: np.ndarray, size: int, native_ratio: float = 1.5, *, overlap: bool = False
-) -> Iterator[tuple[float, int, int, tuple[int, int], np.ndarray]]:
-    """Tiles of an image (H, W[, 3]) in [0, 1] (levels as in the module docstring): yields
-    (scale, row, col, (rows, cols) of the level, tile (size, size[, 3])); ``scale`` is output pixels
-    per input pixel. With ``overlap`` the levels above 0 use a stride of size / 2."""
-    height, width = unit.shape[:2]
-    short = min(height, width)
-    sides = [size]
-    while sides[-1] * 2 <= short:
-        sides.append(sides[-1] * 2)
-    if short >= native_ratio * sides[-1]:
-        sides.append(short)
-    for level, side in enumerate(sides):
-        scale = side / short
-        h, w = max(size, round(height * scale)), max(size, round(width * scale))
-        image = unit if (h, w) == (height, width) else _resize(unit, h, w)
-        stride = size // 2 if overlap and level > 0 else size
-        rows, cols = (h - size) // stride + 1, (w - size) // stride + 1
-        top, left = (h - (rows - 1) * stride - size) // 2, (w - (cols - 1) * stride - size) // 2
-        for r in range(rows):
-            for c in range(cols):
-                y, x = top + r * stride, left + c * stride
-                yield scale, r, c, (rows, cols), image[y : y + size, x : x + size]
-
-
-def informative(tile: np.ndarray, min_std: float, max_flat: float) -> bool:
-    """False for near-constant tiles and tiles mostly at their darkest / brightest value."""
-    gray = tile.mean(axis=-1) if tile.ndim == 3 else tile
-    low, high = float(gray.min()), float(gray.max())
-    flat = max(float((gray <= low + 0.02).mean()), float((gray >= high - 0.02).mean()))
-    return float(gray.std()) >= min_std and flat <= max_flat
-
-
-def _views(
-    source: Source, cfg: RealminiConfig, pre: PreprocessConfig
-) -> Iterator[tuple[LoadedImage, dict, str]]:
-    """2D images of a source: (image, manifest fields, caption part)."""
-    if source.kind == "image":
-        yield source.probe, {}, ""
-    elif source.kind == "frames":
-        n = source.num_frames
-        previous = None
-        for k in np.unique(np.linspace(0, n - 1, min(n, cfg.max_frames)).round().astype(int)).tolist():
-            loaded = source.probe if k == source.probe.meta.get("frame") else read_image(source.path, frame=k)
-            if previous is None or not np.array_equal(previous, loaded.pixels):  # stored twice: keep once
-                yield loaded, {"source_frame": k}, f"frame {k + 1} of {n}"
-            previous = loaded.pixels
-    else:
-        volume, meta = read_volume(source.path)
-        info = {"dtype": meta.get("dtype"), "is_hu": meta.get("is_hu")}
-        for axis in range(3):
-            shape = [volume.shape[i] for i in range(3) if i != axis]
-            if min(shape) < cfg.smallest_side:
-                continue
-            keep = []
-            for k in range(volume.shape[axis]):
-                unit = to_unit(
-                    volume_slice(volume, axis, k), source.modality, cfg=pre, stored_dtype=info["dtype"]
-                )
-                if informative(unit, cfg.min_std, cfg.max_flat):
-                    keep.append(k)
-            picks = np.linspace(0, len(keep) - 1, min(len(keep), cfg.max_slices_per_axis)).round().astype(int)
-            for k in (keep[i] for i in np.unique(picks)):
-                loaded = LoadedImage(volume_slice(volume, axis, k), source.modality, str(source.path), info)
-                yield loaded, {"source_axis": axis, "source_slice": k}, f"{_AXIS_NAMES[axis]} slice"
-
-
-def render_source(source: Source, split: str, cfg: RealminiConfig) -> list[Tile]:
-    """The output images of one source for ``split``: CT in the eval window for test, else in each
-    train window; train tiles overlap by half; at most ``max_per_source`` (test:
-    ``max_per_test_source``) evenly spaced ones."""
-    pre = cfg.preprocess()
-    windows = [None]
-    if source.modality == "ct":
-        windows = [cfg.eval_ct_window] if split == "test" else list(cfg.train_ct_windows)
-    tiles: list[Tile] = []
-    for loaded, view, view_phrase in _views(source, cfg, pre):
-        level_zero = cfg.size / min(loaded.pixels.shape[:2])
-        for window in windows:
-            meta = loaded.meta
-            unit = to_unit(loaded.pixels, source.modality, window=window, cfg=pre,
-                           is_hu=meta.get("is_hu"), stored_dtype=meta.get("dtype"))  # fmt: skip
-            for scale, r, c, (rows, cols), tile in pyramid(
-                unit, cfg.size, cfg.native_ratio, overlap=split != "test"
-            ):
-                if not informative(tile, cfg.min_std, cfg.max_flat):
-                    continue
-                if scale <= level_zero + 1e-9:
-                    where = f"part {r * cols + c + 1} of {rows * cols}" if rows * cols > 1 else ""
-                elif scale >= 0.999:
-                    where = "detail at full resolution"
-                else:
-                    where = f"detail at 1:{round(1 / scale)} scale"
-                window_phrase = f"{window.replace('_', ' ')} window" if window else ""
-                caption = ", ".join(p for p in (source.caption, view_phrase, window_phrase, where) if p)
-                fields = {"caption": caption, "modality": source.modality, **view}
-                fields.update(scale=round(scale, 4), tile=[r, c], **({"ct_window": window} if window else {}))
-                tiles.append(Tile(tile, fields))
-    limit = cfg.max_per_test_source if split == "test" else cfg.max_per_source
-    if len(tiles) > limit:
-        tiles = [tiles[i] for i in np.unique(np.linspace(0, len(tiles) - 1, limit).round().astype(int))]
-    return tiles

@@ -22,12 +22,11 @@ from tokenizer.data.realmini import (
     RealminiConfig,
     Source,
     assign_splits,
-    dicom_group,
     discover_sources,
     find_packages,
-    informative,
-    pyramid,
 )
+from tokenizer.data.realmini_catalogue import dicom_group
+from tokenizer.data.realmini_render import informative, pyramid
 from tools.make_realmini import main
 
 ROOT = Path(__file__).resolve().parents[3]
