@@ -25,6 +25,7 @@ from torch import nn
 from tokenizer.alignment import TeacherConfig, build_vision_teacher
 from tokenizer.distributed import world_size
 from tokenizer.errors import InputError
+from tokenizer.frozen import seeded
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +124,17 @@ class LPIPSMetric(nn.Module):
 
     The linear heads are the calibrated ones shipped inside the ``lpips`` package. The backbone
     (``net``: "alex", "vgg" or "squeeze") is random unless ``weights`` names a safetensors file with
-    either the full LPIPS state dict or the torchvision backbone's ``features.*`` tensors.
+    either the full LPIPS state dict or the torchvision backbone's ``features.*`` tensors; a random backbone
+    is drawn from ``seed``, so its figures compare across runs (they are not comparable to real LPIPS).
     """
 
-    def __init__(self, net: str = "alex", weights: str | Path | None = None) -> None:
+    def __init__(self, net: str = "alex", weights: str | Path | None = None, seed: int = 0) -> None:
         super().__init__()
         import lpips
 
         if net not in ("alex", "vgg", "squeeze"):
             raise InputError(f"LPIPSMetric.net: expected 'alex', 'vgg' or 'squeeze', got {net!r}")
-        with warnings.catch_warnings():  # lpips builds torchvision nets with the deprecated pretrained=False
+        with warnings.catch_warnings(), seeded(seed):  # lpips builds torchvision nets with pretrained=False
             warnings.simplefilter("ignore", UserWarning)
             self.model = lpips.LPIPS(pretrained=False, net=net, pnet_rand=True, verbose=False).eval()
         heads = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"

@@ -74,6 +74,14 @@ def test_ssim_matches_skimage():
 
 
 # ---------------------------------------------------------------------------------------------- lpips
+def test_random_lpips_backbone_is_seeded():
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.manual_seed(123)
+    first = LPIPSMetric()(x, y)
+    assert torch.equal(LPIPSMetric()(x, y), first)  # the caller's RNG state does not matter
+    assert not torch.equal(LPIPSMetric(seed=1)(x, y), first)
+
+
 def test_lpips_metric_and_backbone_file(tmp_path):
     metric = LPIPSMetric("squeeze")  # the cheapest backbone; "alex" (default) and "vgg" load the same way
     assert "RANDOM" in metric.description
