@@ -157,7 +157,8 @@ class PhantomItems:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> HeldOutItem:
-        sample, phantom = self.dataset[i], self.dataset.phantom(i)
+        phantom = self.dataset.phantom(i)
+        sample = self.dataset.sample(phantom, i)
         rng = np.random.default_rng([self.dataset.seed, i, PHANTOM_QA_STREAM])
         return HeldOutItem(
             source=sample["source"],

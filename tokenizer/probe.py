@@ -17,14 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenizer.data.phantom_text import caption_for
-from tokenizer.data.phantom_vocab import (
-    INTENSITIES,
-    MODALITIES,
-    REGIONS,
-    SIZES,
-    Finding,
-    canonical_findings,
-)
+from tokenizer.data.phantom_vocab import MODALITIES, Finding, random_findings
 from tokenizer.errors import InputError
 
 Truth = tuple[str, tuple[Finding, ...]]
@@ -73,13 +66,6 @@ def zero_shot_predict(image_embeddings: Tensor, class_embeddings: Tensor) -> Ten
     return similarity.argmax(dim=1)
 
 
-def _random_findings(rng: np.random.Generator, count: int) -> tuple[Finding, ...]:
-    regions = rng.permutation(len(REGIONS))[:count]
-    return canonical_findings(
-        Finding(REGIONS[r], SIZES[int(rng.integers(2))], INTENSITIES[int(rng.integers(2))]) for r in regions
-    )
-
-
 def class_prompts(classes: Sequence[str], prompts: int, seed: int) -> dict[str, list[list[str]]]:
     """Caption ensembles per task and class, drawn from the phantom caption generator.
 
@@ -89,7 +75,7 @@ def class_prompts(classes: Sequence[str], prompts: int, seed: int) -> dict[str, 
     rng = np.random.default_rng(seed)
 
     def draw(modality: Callable[[], str], count: Callable[[], int]) -> list[str]:
-        return [caption_for(modality(), _random_findings(rng, count()), rng) for _ in range(prompts)]
+        return [caption_for(modality(), random_findings(rng, count()), rng) for _ in range(prompts)]
 
     any_class = lambda: classes[int(rng.integers(len(classes)))]  # noqa: E731
     return {

@@ -40,11 +40,14 @@ def _features(tokenizer, dataset, batch_size: int, device, advance) -> tuple[Any
     pooled, embedded, truths = [], [], []
     for start in range(0, len(dataset), batch_size):
         indices = range(start, min(start + batch_size, len(dataset)))
-        images = torch.stack([dataset[i]["image"] for i in indices]).to(device)
+        phantoms = [dataset.phantom(i) for i in indices]
+        images = torch.stack(
+            [dataset.sample(p, i)["image"] for p, i in zip(phantoms, indices, strict=True)]
+        ).to(device)
         pooled.append(pooled_latent(tokenizer, images).cpu())
         if tokenizer.align_head is not None:
             embedded.append(tokenizer.embed_image(images).float().cpu())
-        truths += [(p.modality, p.findings) for p in map(dataset.phantom, indices)]
+        truths += [(p.modality, p.findings) for p in phantoms]
         advance(len(indices))
     return torch.cat(pooled), torch.cat(embedded) if embedded else None, truths
 

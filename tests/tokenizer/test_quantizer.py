@@ -189,8 +189,8 @@ def test_quantizer_config_validation(overrides, message):
 def test_library_train_step_switch_gives_the_same_forward(monkeypatch):
     """``library_train_step`` routes training through VectorQuantize.forward; results equal the fast step."""
     fast = MultiCodebookQuantizer(QuantizerConfig(**SMALL)).train()
-    library = copy.deepcopy(fast)
-    library.config = QuantizerConfig(**SMALL, library_train_step=True)
+    library = MultiCodebookQuantizer(QuantizerConfig(**SMALL, library_train_step=True)).train()
+    library.load_state_dict(fast.state_dict())
     calls = []
     monkeypatch.setattr(library, "_vq_train_forward", lambda z: calls.append(z))
     z = _latent(fast.config)

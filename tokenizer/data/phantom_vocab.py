@@ -55,6 +55,18 @@ def canonical_findings(findings) -> tuple[Finding, ...]:
     return tuple(sorted(findings, key=lambda f: REGIONS.index(f.region)))
 
 
+def random_findings(rng: np.random.Generator, count: int) -> tuple[Finding, ...]:
+    """``count`` (0-4) findings in distinct random regions, each of random size and intensity.
+
+    Draws, in this order: a permutation of the regions, four sizes, four intensities (the same draws
+    whatever ``count``).
+    """
+    order, sizes, levels = rng.permutation(len(REGIONS)), rng.integers(2, size=4), rng.integers(2, size=4)
+    return canonical_findings(
+        Finding(REGIONS[r], SIZES[sizes[r]], INTENSITIES[levels[r]]) for r in order[:count]
+    )
+
+
 @dataclass
 class Phantom:
     """One generated image with its ground truth."""

@@ -30,14 +30,11 @@ from torch.utils.data import Dataset
 
 from tokenizer.data.phantom_text import caption_for
 from tokenizer.data.phantom_vocab import (
-    INTENSITIES,
     MODALITIES,
-    REGIONS,
-    SIZES,
     Finding,
     Phantom,
-    canonical_findings,
     modality_name,
+    random_findings,
     zone_center,
 )
 from tokenizer.errors import InputError
@@ -368,10 +365,7 @@ def make_phantom(
     frng = _rng(seed, 1)
     count = int(frng.integers(_MAX_FINDINGS + 1))  # always drawn, so num_findings=drawn changes nothing
     count = count if num_findings is None else int(num_findings)
-    order, sizes, levels = frng.permutation(len(REGIONS)), frng.integers(2, size=4), frng.integers(2, size=4)
-    findings = canonical_findings(
-        Finding(REGIONS[r], SIZES[sizes[r]], INTENSITIES[levels[r]]) for r in order[:count]
-    )
+    findings = random_findings(frng, count)
     arng = _rng(seed, 2)
     image, colors = _RENDERERS[modality](arng, size)
     for finding in findings:
@@ -438,7 +432,10 @@ class PhantomDataset(Dataset):
         return make_phantom(seed, size=self.size, modality=modality)
 
     def __getitem__(self, index: int) -> dict:
-        p = self.phantom(index)
+        return self.sample(self.phantom(index), index)
+
+    def sample(self, p: Phantom, index: int) -> dict:
+        """Item ``index`` made from its already generated phantom ``p`` (``self.phantom(index)``)."""
         index %= self.num_images
         if p.image.ndim == 3:  # numpy, not torch: tiny torch ops cost more in thread start-up than work
             chw = (p.image @ LUMA)[None] if self.channels == 1 else p.image.transpose(2, 0, 1)
