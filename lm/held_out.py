@@ -108,7 +108,7 @@ class UnderstandingEvalConfig(HeldOutConfig):
     """Text sampling temperature (0 = greedy)."""
     zero_shot: bool = True
     """Zero-shot modality and finding-present classification when the image tokenizer has a text encoder."""
-    zero_shot_prompts: int = 16
+    zero_shot_prompts: int = 64
     """Captions averaged into each class embedding (a prompt ensemble drawn from the caption generator)."""
 
     def __post_init__(self) -> None:

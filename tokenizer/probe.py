@@ -89,7 +89,7 @@ def zero_shot(
     image_embeddings: Tensor,
     truths: Sequence[Truth],
     classes: Sequence[str] = MODALITIES,
-    prompts: int = 16,
+    prompts: int = 64,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Zero-shot modality and finding-present classification of (N, D) image embeddings.

@@ -158,8 +158,8 @@ class EvalAlignmentRun:
     everything is scored on ``num_val`` held-out images of ``seed + 1``."""
     out: str = MISSING
     """Report directory (required): metrics.json and metrics.md."""
-    prompts: int = 16
-    """Zero-shot: captions averaged into each class embedding."""
+    prompts: int = 64
+    """Zero-shot: captions averaged into each class embedding (16 left the result at the mercy of the draw)."""
     device: str = "auto"
     """"auto" (CUDA when present), "cpu", "cuda", ..."""
     progress_bar: bool = True
