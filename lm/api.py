@@ -389,6 +389,7 @@ def generate_image(
     seed: int = 0,
     modality: str | None = None,
     cfg_interval: tuple[float, float] = (0.0, 1.0),
+    compile: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One image per prompt, with classifier-free guidance against ``<bos><boi>``.
 
@@ -401,6 +402,8 @@ def generate_image(
         modality: the ``{modality}`` of the training prompt template (the shard index's modality,
             e.g. "ct"); None = "medical", as for training rows without one.
         cfg_interval: guidance applies to image positions p with start <= p / (h*w) < end.
+        compile: decode through ``torch.compile`` (worth it for many images: the first call per batch
+            size compiles for about a minute on a CPU; see :func:`lm.generate.generate_tokens`).
 
     Returns:
         images (B, C, H, W) float in [-1, 1] on the image tokenizer's device, codes (B, K, h, w) long (CPU).
@@ -416,7 +419,7 @@ def generate_image(
         cfg_scale=cfg_scale,
         cfg_interval=cfg_interval,
     )
-    codes = generate_image_codes(model.lm, rows, sampling, seed).cpu()
+    codes = generate_image_codes(model.lm, rows, sampling, seed, compile=compile).cpu()
     return detokenize(codes, model.image_tokenizer), codes
 
 

@@ -12,6 +12,10 @@ small state machine, vectorised over the batch:
 Classifier-free guidance doubles the batch: the second half holds the unconditional prompt
 ``<bos><boi>`` (plus the rows of an image the prompt already started) and is fed the same sampled
 positions; at every sub-code step the depth logits become ``u + s * (c - u)`` inside ``cfg_interval``.
+
+Each decode position is two tensor-only functions, the backbone step (:meth:`DecoderLM.decode_step` over the
+static cache) and the K depth-head steps with sampling (:func:`_image_position`, its random draws made
+beforehand); ``compile=True`` runs both through ``torch.compile`` with static shapes and no graph breaks.
 """
 
 from __future__ import annotations
@@ -54,8 +58,10 @@ class KVCache:
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
-        self._start = 0
         self._slots = torch.arange(max_len, device=device)
+        # the slots the next update() writes, a tensor so that compiled decode steps stay static
+        self._write = self._slots[:0]
+        self._cursor = torch.zeros(1, dtype=torch.long, device=device)  # the next decode step's slot
 
     @classmethod
     def for_model(cls, model: DecoderLM, batch_size: int, max_len: int) -> KVCache:
@@ -87,16 +93,17 @@ class KVCache:
         if start + t > self.max_len:
             raise InputError(f"KVCache: writing {t} positions at {start} overflows max_len={self.max_len}")
         keep = attention_mask.bool()
+        self.length = start + t
+        if t == 1 and self.hf_cache is None:
+            self._cursor.fill_(start)
+            return self.step_begin(keep[:, 0])
+        self._cursor.fill_(self.length)
         self.key_valid[:, start : start + t] = keep
-        self._start, self.length = start, start + t
-        if t == 1:  # decode step: the new slot is the last written one, so validity alone is the mask
+        self._write = self._slots[start : start + t]
+        if t == 1:
             positions = self.next_pos[:, None].clone()
             self.next_pos += keep[:, 0]
-            if self.hf_cache is not None:
-                return positions, None
-            mask = self.key_valid.clone()
-            mask[:, start] = True  # a query always sees its own slot (no empty softmax row for padding)
-            return positions, mask[:, None, None, :]
+            return positions, None
         positions = (self.next_pos[:, None] + keep.long().cumsum(1) - 1).clamp(min=0)
         self.next_pos += keep.sum(1)
         if self.hf_cache is not None:
@@ -107,11 +114,34 @@ class KVCache:
         mask = (self.key_valid[:, None, :] & visible[None]) | (self._slots[None, :] == query_slot)[None]
         return positions, mask.unsqueeze(1)
 
+    def step_begin(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Register one decode position at the cursor slot (valid (B,) bool); advances the cursor.
+
+        Tensor operations only (no Python integers change), so a compiled decode step sees the same
+        graph at every position. The caller accounts for :attr:`length` (see :meth:`advance`).
+        Returns RoPE positions (B, 1) and the mask (B, 1, 1, T_max).
+        """
+        slot = self._cursor.clone()
+        self._cursor += 1
+        self._write = slot
+        self.key_valid.index_copy_(1, slot, valid[:, None])
+        positions = self.next_pos[:, None].clone()
+        self.next_pos += valid
+        # the new slot is the last written one, so validity alone is the mask; a query always sees its
+        # own slot (no empty softmax row for padding)
+        mask = self.key_valid.index_fill(1, slot, True)
+        return positions, mask[:, None, None, :]
+
+    def advance(self) -> None:
+        """Account on the host for one :meth:`step_begin` position (checks the buffer is not full)."""
+        if self.length + 1 > self.max_len:
+            raise InputError(f"KVCache: writing 1 position at {self.length} overflows max_len={self.max_len}")
+        self.length += 1
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H_kv, T, d) at the current slots; return the whole buffers (B, H_kv, T_max, d)."""
-        end = self._start + k.shape[2]
-        self.k[layer][:, :, self._start : end] = k
-        self.v[layer][:, :, self._start : end] = v
+        self.k[layer].index_copy_(2, self._write, k)
+        self.v[layer].index_copy_(2, self._write, v)
         return self.k[layer], self.v[layer]
 
     def hf_attention_mask(self) -> torch.Tensor:
@@ -184,17 +214,37 @@ class SamplingConfig:
             raise InputError(f"SamplingConfig.max_new_tokens: expected >= 1, got {self.max_new_tokens}")
 
 
+def noise_width(num_ids: int, top_k: int) -> int:
+    """Draws a sampling step needs per row: k with top-k, else every id."""
+    return top_k if 0 < top_k < num_ids else num_ids
+
+
+def exponential_noise(shape: tuple[int, ...], generator: torch.Generator, device) -> torch.Tensor:
+    """Exp(1) draws for :func:`pick` (drawn outside compiled code, which cannot take a Generator)."""
+    return torch.empty(shape, device=device).exponential_(1.0, generator=generator)
+
+
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
     """Sample one id per row from fp32 logits (N, V) (-inf = forbidden); returns (N,) long."""
+    noise = None
+    if temperature != 0:
+        noise = exponential_noise(
+            (logits.shape[0], noise_width(logits.shape[-1], top_k)), generator, logits.device
+        )
+    return pick(logits, temperature, top_k, top_p, noise)
+
+
+def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, noise) -> torch.Tensor:
+    """:func:`sample` with its Exp(1) draws given: noise (N, ``noise_width``) or None when greedy."""
     if temperature == 0:
         return logits.argmax(-1)
     if 0 < top_k < logits.shape[-1]:  # draw among the k best only: softmax and noise over k, not V
         values, index = torch.topk(logits, top_k, dim=-1)
-        return index.gather(-1, _draw(values / temperature, top_p, generator)[:, None])[:, 0]
-    return _draw(logits / temperature, top_p, generator)
+        return index.gather(-1, _race(values / temperature, top_p, noise)[:, None])[:, 0]
+    return _race(logits / temperature, top_p, noise)
 
 
-def _draw(logits: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+def _race(logits: torch.Tensor, top_p: float, noise: torch.Tensor) -> torch.Tensor:
     """Index (N,) drawn from softmax(logits) (N, V), restricted to the nucleus of mass ``top_p``."""
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
@@ -203,7 +253,6 @@ def _draw(logits: torch.Tensor, top_p: float, generator) -> torch.Tensor:
         sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     # exponential race: argmax(p / E), E ~ Exp(1), draws from p without a normalisation or multinomial call
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / noise).argmax(-1)
 
 
@@ -266,10 +315,15 @@ def _left_pad(vocab: Vocab, rows: list[torch.Tensor], positions: list[torch.Tens
 class _Decoder:
     """One generation run: holds the cache (or the growing recompute buffers) and steps the model."""
 
-    def __init__(self, model, tokens, image_pos, mask, max_new: int, use_cache: bool) -> None:
+    def __init__(self, model, tokens, image_pos, mask, max_new: int, use_cache: bool, compile: bool) -> None:
         self.model, self.use_cache = model, use_cache
+        # native backbone + cache: the tensor-only decode step (compiled on request); HF backbones use forward
+        self.fast = use_cache and not isinstance(model.backbone, HFBackbone)
+        self.backbone_step = _compiled(_backbone_step) if compile and self.fast else _backbone_step
         b, t, k = tokens.shape
         total = t + max_new
+        if compile and self.fast:  # a few cache lengths, so new prompt lengths rarely mean a new compile
+            total = min(-(-total // CACHE_BUCKET) * CACHE_BUCKET, max(model.config.max_seq_len, total))
         self.cache = KVCache.for_model(model, b, total) if use_cache else None
         if not use_cache:  # reference path: recompute the whole left-padded sequence every step
             self.tokens = tokens.new_full((b, total, k), model.vocab.pad)
@@ -285,6 +339,9 @@ class _Decoder:
 
     def step(self, rows: torch.Tensor, image_pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Feed one position rows (B, K), image_pos (B,), valid (B,); returns the new hidden state (B, D)."""
+        if self.fast:
+            self.cache.advance()
+            return self.backbone_step(self.model, rows, image_pos, valid, self.cache)
         if self.use_cache:
             out = self.model(rows[:, None], image_pos[:, None], valid[:, None], kv_cache=self.cache)
             return out.hidden[:, -1]
@@ -295,10 +352,12 @@ class _Decoder:
         return out.hidden[:, -1]
 
 
-def _sample_image_position(
-    model, hidden, image_idx, sampling: SamplingConfig, generator, guided: bool, cache
-):
-    """K sub-code steps through the depth head -> codes (B, K); hidden is (2B, D) when guided."""
+def _image_position(model, hidden, image_idx, noise, depth_cache, sampling: SamplingConfig, guided: bool):
+    """K sub-code steps through the depth head -> codes (B, K); hidden is (2B, D) when guided.
+
+    noise: (K, B, ``noise_width``) Exp(1) draws, None when greedy. Tensor operations only (compiled with
+    ``compile=True``).
+    """
     vocab = model.vocab
     b = image_idx.shape[0]
     if guided:
@@ -307,17 +366,34 @@ def _sample_image_position(
         scale = torch.where((frac >= start) & (frac < end), sampling.cfg_scale - 1.0, 0.0)[:, None]
     inputs, codes = hidden, []
     for k in range(vocab.num_codebooks):
-        logits = model.depth_decode(inputs, k, cache)  # (B', V) fp32
+        logits = model.depth_decode(inputs, k, depth_cache)  # (B', V) fp32
         if guided:
             cond, uncond = logits[:b], logits[b:]
             logits = cond + scale * (cond - uncond)  # == uncond + s (cond - uncond); exact cond at s = 1
-        code = sample(
-            logits, sampling.image_temperature, sampling.image_top_k, sampling.image_top_p, generator
-        )
+        code = pick(
+            logits, sampling.image_temperature, sampling.image_top_k, sampling.image_top_p,
+            None if noise is None else noise[k],
+        )  # fmt: skip
         codes.append(code)
         if k + 1 < vocab.num_codebooks:
             inputs = model.subcode_embedding(code.repeat(2) if guided else code, k)
     return torch.stack(codes, dim=1)
+
+
+def _backbone_step(model, rows, image_pos, valid, cache):
+    return model.decode_step(rows, image_pos, valid, cache)
+
+
+CACHE_BUCKET = 128
+"""With ``compile=True`` the KV cache length is rounded up to a multiple of this (its shape is static)."""
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled(fn):
+    """``torch.compile(fn)`` once per process: static shapes, and no graph break allowed (fullgraph)."""
+    if fn.__name__ not in _COMPILED:
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[fn.__name__]
 
 
 def _text_bias(vocab: Vocab, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,6 +448,7 @@ def generate_tokens(
     stop_at_eos: bool = True,
     force_image: bool = False,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> list[torch.Tensor]:
     """Continue each prompt under the modality constraints (see the module docstring).
 
@@ -383,18 +460,20 @@ def generate_tokens(
         stop_at_eos: a sequence stops after it samples ``<eos>``.
         force_image: append ``<boi>`` to every prompt that is not already inside an image.
         use_cache: False recomputes the whole sequence every step (a reference for tests).
+        compile: run the per-position backbone step and the K depth-head steps through ``torch.compile``
+            (static shapes, no graph breaks). The first call per batch shape and setting compiles (tens of
+            seconds on a CPU); later ones are faster (docs/BENCHMARKS.md). Native backbone only.
 
     Returns:
         Per prompt the rows (T_out, K) appended after it (a forced ``<boi>`` included), up to and
         including ``<eos>``.
     """
-    return _generate(
-        model, prompts, sampling, seed, stop_at_eos, force_image, sampling.cfg_scale != 1.0, use_cache
-    )
+    guided = sampling.cfg_scale != 1.0
+    return _generate(model, prompts, sampling, seed, stop_at_eos, force_image, guided, use_cache, compile)
 
 
 def _generate(
-    model, prompts, sampling, seed, stop_at_eos, force_image, guided, use_cache
+    model, prompts, sampling, seed, stop_at_eos, force_image, guided, use_cache, compile
 ) -> list[torch.Tensor]:
     vocab: Vocab = model.vocab
     device = next(model.parameters()).device
@@ -411,8 +490,10 @@ def _generate(
     pad_row, eoi_row = out[:, 0].clone(), torch.full_like(out[:, 0], vocab.eoi)
     bias_boi, bias_no_boi = _text_bias(vocab, device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    decoder = _Decoder(model, tokens, image_pos, mask, max_new, use_cache)
+    decoder = _Decoder(model, tokens, image_pos, mask, max_new, use_cache, compile)
     depth_cache = DepthCache(model, tokens.shape[0])
+    image_step = _compiled(_image_position) if compile else _image_position
+    noise_shape = (k, b, noise_width(vocab.codebook_size, sampling.image_top_k))
     hidden = decoder.first()
     need_text, need_image = bool((~in_image).any()), bool((in_image & (image_idx < hw)).any())
     steps = 0
@@ -427,7 +508,10 @@ def _generate(
             text_rows = ids[:, None].expand(b, k)
         if need_image:
             idx = image_idx.clamp(max=hw - 1)
-            codes = _sample_image_position(model, hidden, idx, sampling, generator, guided, depth_cache)
+            noise = None
+            if sampling.image_temperature != 0:
+                noise = exponential_noise(noise_shape, generator, device)
+            codes = image_step(model, hidden, idx, noise, depth_cache, sampling, guided)
             image_rows = vocab.codes_to_ids(codes)
         finishing = in_image & (image_idx >= hw)
         drawing = in_image & ~finishing
@@ -458,13 +542,18 @@ def _generate(
 
 @torch.no_grad()
 def generate_image_codes(
-    model: DecoderLM, prompts: list[torch.Tensor], sampling: SamplingConfig, seed: int
+    model: DecoderLM, prompts: list[torch.Tensor], sampling: SamplingConfig, seed: int, compile: bool = False
 ) -> torch.Tensor:
-    """One image per prompt (an image is started right after the prompt); returns codes (B, K, h, w)."""
+    """One image per prompt (an image is started right after the prompt); returns codes (B, K, h, w).
+
+    ``compile``: as in :func:`generate_tokens`.
+    """
     vocab = model.vocab
     hw = vocab.image_length
     sampling = replace(sampling, max_new_tokens=hw + 1)
-    outs = generate_tokens(model, prompts, sampling, seed=seed, stop_at_eos=False, force_image=True)
+    outs = generate_tokens(
+        model, prompts, sampling, seed=seed, stop_at_eos=False, force_image=True, compile=compile
+    )
     images = []
     for prompt, new in zip(prompts, outs, strict=True):
         seq = torch.cat([prompt.to(new.device).long(), new])

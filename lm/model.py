@@ -97,6 +97,15 @@ def _xformers_attention(q, k, v, mask, is_causal, dropout_p):
     return out.transpose(1, 2)
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` whose weight follows the input's dtype, so bf16 autocast keeps torch's fused kernel
+    (a bf16 input with an fp32 weight falls back to the unfused path, with a warning per call site)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with QK-norm and RoPE; no biases."""
 
@@ -108,8 +117,8 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, self.split[0] + 2 * self.split[1], bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         norm = config.qk_norm
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if norm else nn.Identity()
+        self.q_norm = RMSNorm(self.head_dim, eps=config.norm_eps) if norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, eps=config.norm_eps) if norm else nn.Identity()
         self.backend, self.dropout = config.attn_backend, config.dropout
 
     def forward(self, x, rope, mask, is_causal, kv_cache=None, layer: int = 0) -> torch.Tensor:
@@ -152,9 +161,9 @@ class Block(nn.Module):
 
     def __init__(self, config: LMConfig) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.attn = Attention(config)
-        self.mlp_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.mlp_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.mlp = SwiGLU(config)
         self.dropout = config.dropout
 
@@ -185,7 +194,7 @@ class NativeBackbone(nn.Module):
         self.config = config
         self.dim = config.dim
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -275,7 +284,7 @@ class DepthHead(nn.Module):
         self.proj = nn.Linear(config.dim, inner.dim, bias=False) if inner.dim != config.dim else nn.Identity()
         self.step_embed = nn.Parameter(torch.randn(num_codebooks, inner.dim) * config.init_std)
         self.blocks = nn.ModuleList(Block(inner) for _ in range(config.depth_layers))
-        self.norm = nn.RMSNorm(inner.dim, eps=config.norm_eps)
+        self.norm = RMSNorm(inner.dim, eps=config.norm_eps)
         self.head = nn.Parameter(torch.randn(num_codebooks, codebook_size, inner.dim) * config.init_std)
         _init_linear_and_embedding(self.proj, config.init_std, config.init_std)
         _init_linear_and_embedding(
@@ -419,6 +428,19 @@ class DecoderLM(nn.Module):
         if labels is not None:
             self._losses(out, labels)
         return out
+
+    def decode_step(
+        self, rows: torch.Tensor, image_pos: torch.Tensor, valid: torch.Tensor, kv_cache
+    ) -> torch.Tensor:
+        """One generated position through the native backbone and its static cache -> hidden (B, D).
+
+        rows (B, K) global ids, image_pos (B,), valid (B,) bool (False = a finished sequence). Tensor
+        operations only, so ``torch.compile`` traces it once for every position (generation's
+        ``compile=True``); the caller accounts for the position on the host (``kv_cache.advance()``).
+        """
+        x = self.embed(rows[:, None], image_pos[:, None])
+        positions, mask = kv_cache.step_begin(valid)
+        return self.backbone(x, positions, mask, False, kv_cache)[:, -1]
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits (..., num_non_image) over text and special ids from hidden (..., D)."""

@@ -6,6 +6,7 @@ width and vocabulary; the benchmark's module docstring says what is measured.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -101,10 +102,13 @@ def time_decode(
     *,
     warmup: bool = True,
     once=(),
+    compiled: bool = False,
 ) -> dict[str, float]:
     """Seconds of one image generation per call at ``batch``: ``ours`` and each of ``references``.
 
-    Ours: :func:`lm.generate.generate_image_codes` (image top-k 100). ``hf_positions``:
+    Ours: :func:`lm.generate.generate_image_codes` (image top-k 100); with ``compiled`` also
+    ``ours_compiled`` (``compile=True``) and ``compile_s``, the extra time of its first (compiling) call.
+    ``hf_positions``:
     ``LlamaForCausalLM.generate`` of h*w tokens; ``hf_subcodes``: of h*w*K tokens; both sampled with
     top-k 100 after the same 21-token prompt, for the doubled (cond + uncond) batch when guided.
     ``once``: references timed in one round only (see :meth:`Clock.best`).
@@ -123,12 +127,24 @@ def time_decode(
         kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=100, pad_token_id=0)
         return lambda: hf.generate(ids, attention_mask=attention, **kw)
 
-    fns = {"ours": lambda: generate_image_codes(model, [prompt] * batch, sampling, seed=0)}
+    def ours(compile: bool) -> Callable[[], object]:
+        return lambda: generate_image_codes(model, [prompt] * batch, sampling, seed=0, compile=compile)
+
+    fns = {"ours": ours(False)}
     fns.update({name: hf_generate(lengths[name]) for name in references})
     if warmup:  # lazy initialisation: one run of ours, a few tokens of HF
         fns["ours"]()
         hf_generate(4)()
-    return clock.best(fns, warmup=False, once=once)
+    compile_s = None
+    if compiled:
+        fns["ours_compiled"] = ours(True)
+        start = time.perf_counter()
+        fns["ours_compiled"]()
+        compile_s = time.perf_counter() - start
+    s = clock.best(fns, warmup=False, once=once)
+    if compiled:
+        s["compile_s"] = compile_s - s["ours_compiled"]
+    return s
 
 
 @torch.no_grad()
@@ -153,16 +169,24 @@ def bench_decode(plan: Plan, model, hf, clock: Clock, bf16: bool) -> list[dict]:
         for cfg in (1.0, 3.0):
             bar = batch == 8 and cfg != 1.0
             subcodes = plan.hf_subcodes == "all" or (plan.hf_subcodes == "bar" and bar)
+            compiled = plan.compile == "all" or (plan.compile == "bar" and bar)
             references = ("hf_positions", "hf_subcodes") if subcodes else ("hf_positions",)
             reset_peak(clock.device)
             with autocast(clock.device, bf16):
-                s = time_decode(model, hf, batch, cfg, clock, references, warmup=not out, once=once)
-            row = {"batch": batch, "cfg_scale": cfg, "images_per_s": batch / s["ours"]}
-            for name in ("ours", "hf_positions", "hf_subcodes"):
+                s = time_decode(
+                    model, hf, batch, cfg, clock, references, warmup=not out, once=once, compiled=compiled
+                )
+            best = s.get("ours_compiled", s["ours"])
+            row = {"batch": batch, "cfg_scale": cfg, "images_per_s": batch / best}
+            for name in ("ours", "ours_compiled", "hf_positions", "hf_subcodes"):
                 row[f"{name}_ms_per_position"] = s[name] * 1e3 / hw if name in s else None
+            row["compile_s"] = s.get("compile_s")
             for name in ("hf_positions", "hf_subcodes"):
                 row[f"speedup_vs_{name}"] = s[name] / s["ours"] if name in s else None
+                row[f"compiled_speedup_vs_{name}"] = (
+                    s[name] / s["ours_compiled"] if compiled and name in s else None
+                )
             out.append({**row, "peak_memory_mib": peak_memory_mib(clock.device)})
-            times = ", ".join(f"{k} {v * 1e3 / hw:.2f}" for k, v in s.items())
+            times = ", ".join(f"{k} {v * 1e3 / hw:.2f}" for k, v in s.items() if k != "compile_s")
             print(f"  decode batch {batch} cfg {cfg}: ms per position {times}", flush=True)
     return out

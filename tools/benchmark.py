@@ -34,7 +34,9 @@ peak since start, ``getrusage``). Model FLOPs utilisation (CUDA only): 6 N token
 of ``--reps`` runs after a warm-up; compared functions are timed in turn, so background load hits both
 alike. CPU inference runs in fp32 on ``--threads`` intra-op threads, 1 by default: on the shared 2-core
 machine two threads fighting other work over the cores made this run more than 4x slower.
-``lm/generate.py`` offers no compiled decode step, so there is no eager-vs-compile pair yet.
+Decoding is also timed with ``compile=True`` (``--compile``; default only at batch 8 with guidance, the
+bar's configuration): ``ours_compiled`` beside eager ``ours``, and ``compile_s``, the extra seconds of the
+first, compiling call. Compilation uses the default inductor mode (no CUDA graphs).
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class Plan:
     lm_train_batch: int = 8
     reps: int = 2
     hf_subcodes: str = "bar"
+    compile: str = "bar"
+    """Where to also time ``compile=True`` decoding: "bar" (batch 8 with guidance), "all" or "none"."""
 
 
 QUICK = Plan(
@@ -90,6 +94,7 @@ QUICK = Plan(
     lm_train_batch=2,
     reps=2,
     hf_subcodes="all",
+    compile="none",
 )
 
 
@@ -258,9 +263,11 @@ def bars(results: dict) -> list[dict]:
             )
         for row in r.get("lm_decode", []):
             for ref in ("hf_positions", "hf_subcodes"):
-                if row["batch"] == 8 and row["cfg_scale"] != 1.0 and row[f"speedup_vs_{ref}"] is not None:
-                    bar = f"decode speed-up vs {ref}, batch 8 + guidance >= 1.5"
-                    out.append({"device": device, "bar": bar, "value": row[f"speedup_vs_{ref}"]})
+                for kind in ("", "compiled_"):
+                    value = row.get(f"{kind}speedup_vs_{ref}")
+                    if row["batch"] == 8 and row["cfg_scale"] != 1.0 and value is not None:
+                        bar = f"{'compiled ' if kind else ''}decode speed-up vs {ref}, batch 8 + guidance >= 1.5"
+                        out.append({"device": device, "bar": bar, "value": value})
     for b in out:
         b["met"] = b["value"] <= 1.5 if b["bar"].startswith("quantizer") else b["value"] >= 1.5
     return out
@@ -329,6 +336,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--hf-subcodes", choices=("bar", "all", "none"), help="where to time the h*w*K-token HF reference"
     )
+    p.add_argument(
+        "--compile", choices=("bar", "all", "none"), help="where to time compiled decoding (default bar)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU (default 1)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="device peak for MFU (H200 bf16: 790)")
     p.add_argument("--out", type=Path, help="output folder (default outputs/benchmark/<date-time>)")
@@ -345,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     plan = QUICK if args.quick else Plan(presets=("tiny", "small"))
-    overrides = {"presets": tuple(args.presets or ()), "reps": args.reps, "hf_subcodes": args.hf_subcodes}
+    overrides = {
+        "presets": tuple(args.presets or ()), "reps": args.reps, "hf_subcodes": args.hf_subcodes,
+        "compile": args.compile,
+    }  # fmt: skip
     plan = replace(plan, **{k: v for k, v in overrides.items() if v})
     devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]

@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--question", help="describe mode: a question instead of the report instruction")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="describe mode: text budget")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="image mode: torch.compile the decode steps (pays off for many images)",
+    )
     args = parser.parse_args(argv)
     if args.prompt and not args.out:
         parser.error("--out is required with --prompt")
@@ -69,7 +74,7 @@ def write_images(model, args: argparse.Namespace) -> Path:
         seed = args.seed + p
         images, _ = generate_image(
             model, [prompt] * args.num, cfg_scale=args.cfg_scale, temperature=temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=seed, modality=args.modality,
+            top_k=args.top_k, top_p=args.top_p, seed=seed, modality=args.modality, compile=args.compile,
         )  # fmt: skip
         for n, image in enumerate(images):
             name = f"p{p:02d}_{n:02d}.png"
