@@ -18,10 +18,10 @@ Sections per device:
   Decoding is :func:`lm.generate.generate_image_codes` (top-k 100, with and without guidance at
   cfg 3.0) against two references: ``hf_positions`` generates h*w tokens (one per image position: the
   same sequence length) and ``hf_subcodes`` generates h*w*K tokens (the same image as flat sub-codes).
-  With guidance HF decodes the doubled batch, as we do (it skips the logit mixing). The full run times
-  ``hf_subcodes`` once and only at batch 8 with guidance, the configuration of the acceptance bar: on a
-  CPU it takes ~15x longer than ours (8x the steps over an 8x longer sequence); ``--hf-subcodes all``
-  times it everywhere, in every round.
+  With guidance HF decodes the doubled batch, as we do (it skips the logit mixing). ``hf_subcodes`` takes
+  ~18x longer than ours on a CPU (8x the steps over an 8x longer sequence: 100 s at batch 8), so the full
+  run skips it unless asked: ``--hf-subcodes bar`` times it once at batch 8 with guidance, ``all``
+  everywhere, in every round.
 - ``training``: steps/s and samples/s of a forward + backward + optimizer step without Lightning. The
   tokenizer step is ``TokenizerSystem.generator_losses`` (model + 0.2 L1 + L2 + VQ; no LPIPS, no GAN,
   no alignment) + backward + grad clip + the system's AdamW; the LM step is ``LMSystem.losses`` on packed
@@ -80,7 +80,7 @@ class Plan:
     tokenizer_train: tuple[str, int] = ("small", 16)
     lm_train_batch: int = 8
     reps: int = 2
-    hf_subcodes: str = "bar"
+    hf_subcodes: str = "none"
     compile: str = "bar"
     """Where to also time ``compile=True`` decoding: "bar" (batch 8 with guidance), "all" or "none"."""
 
@@ -334,7 +334,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes only (the test suite's run)")
     p.add_argument("--reps", type=int, help="best of this many timed runs (default 2)")
     p.add_argument(
-        "--hf-subcodes", choices=("bar", "all", "none"), help="where to time the h*w*K-token HF reference"
+        "--hf-subcodes", choices=("bar", "all", "none"), help="where to time the h*w*K-token HF reference (default none)"
     )
     p.add_argument(
         "--compile", choices=("bar", "all", "none"), help="where to time compiled decoding (default bar)"
