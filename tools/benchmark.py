@@ -334,7 +334,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes only (the test suite's run)")
     p.add_argument("--reps", type=int, help="best of this many timed runs (default 2)")
     p.add_argument(
-        "--hf-subcodes", choices=("bar", "all", "none"), help="where to time the h*w*K-token HF reference (default none)"
+        "--hf-subcodes",
+        choices=("bar", "all", "none"),
+        help="where to time the h*w*K-token HF reference (default none)",
     )
     p.add_argument(
         "--compile", choices=("bar", "all", "none"), help="where to time compiled decoding (default bar)"
