@@ -42,7 +42,7 @@ class Variant:
 
 VARIANTS = {
     # 64² keeps the LM's image 8x8 positions (sequences of ~100), which is what fits 10 CPU minutes
-    "full": Variant("small", "small", 64, 2048, 64, 600, 200, 600, 16, 16),
+    "full": Variant("small", "small", 64, 2048, 64, 600, 200, 560, 16, 16),
     "fast": Variant("tiny", "tiny", 32, 256, 16, 30, 20, 40, 16, 8),
 }
 
