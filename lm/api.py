@@ -177,7 +177,7 @@ def _quiet_transformers():
 def phantom_text_corpus(num_images: int = 1000, seed: int = 0) -> tuple[str, ...]:
     """Captions and VQA text of ``num_images`` random phantom findings, plus the fixed prompt phrasings."""
     from tokenizer.data.phantom_text import caption_for, phantom_questions
-    from tokenizer.data.phantom_vocab import MODALITIES, Phantom, random_findings
+    from tokenizer.data.phantom_vocab import MAX_FINDINGS, MODALITIES, Phantom, random_findings
 
     rng = np.random.default_rng(seed)
     texts: list[str] = list(IMAGE_TO_TEXT_INSTRUCTIONS)
@@ -185,7 +185,7 @@ def phantom_text_corpus(num_images: int = 1000, seed: int = 0) -> tuple[str, ...
         texts += [t.format(modality=m, caption="") for t in TEXT_TO_IMAGE_TEMPLATES]
     for i in range(num_images):
         modality = MODALITIES[i % len(MODALITIES)]
-        findings = random_findings(rng, int(rng.integers(4)))
+        findings = random_findings(rng, int(rng.integers(MAX_FINDINGS + 1)))
         caption = caption_for(modality, findings, rng)
         phantom = Phantom(np.zeros((1, 1), np.float32), modality, findings, caption, i)
         texts.append(caption)

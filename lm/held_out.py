@@ -12,18 +12,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from lm.api import UnifiedModel
 from lm.generate import SamplingConfig
 from lm.metrics import Attributes
-from tokenizer.data.phantom_text import phantom_questions
 from tokenizer.data.phantom_vocab import Finding, canonical_findings
 from tokenizer.data.phantoms import PhantomDataset
-from tokenizer.encode import PHANTOM_QA_STREAM
 from tokenizer.errors import InputError
 from tokenizer.metrics import FeatureExtractorConfig
+from tokenizer.probe import ZERO_SHOT_PROMPTS
 from tokenizer.shards import CodeShard
 
 log = logging.getLogger(__name__)
@@ -108,7 +106,7 @@ class UnderstandingEvalConfig(HeldOutConfig):
     """Text sampling temperature (0 = greedy)."""
     zero_shot: bool = True
     """Zero-shot modality and finding-present classification when the image tokenizer has a text encoder."""
-    zero_shot_prompts: int = 64
+    zero_shot_prompts: int = ZERO_SHOT_PROMPTS
     """Captions averaged into each class embedding (a prompt ensemble drawn from the caption generator)."""
 
     def __post_init__(self) -> None:
@@ -157,15 +155,13 @@ class PhantomItems:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> HeldOutItem:
-        phantom = self.dataset.phantom(i)
-        sample = self.dataset.sample(phantom, i)
-        rng = np.random.default_rng([self.dataset.seed, i, PHANTOM_QA_STREAM])
+        sample, phantom = self.dataset[i], self.dataset.phantom(i)  # generated once (PhantomDataset.phantom)
         return HeldOutItem(
             source=sample["source"],
             caption=phantom.caption,
             modality=phantom.modality,
             truth=(phantom.modality, phantom.findings),
-            qa=phantom_questions(phantom, rng),
+            qa=self.dataset.questions(i),
             image=sample["image"],
         )
 

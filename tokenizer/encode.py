@@ -48,17 +48,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from tokenizer.checkpoint import CONFIG_NAME, FORMAT, FORMAT_VERSION
 from tokenizer.data.datasets import BadRowTracker, BadSample, ManifestDataset, collate_samples
-from tokenizer.data.phantom_text import phantom_questions
 from tokenizer.data.phantoms import PhantomDataset
 from tokenizer.errors import InputError
 from tokenizer.model import ImageTokenizer
 from tokenizer.shards import INDEX_NAME, PART_PATTERN, ShardWriter
 
 log = logging.getLogger(__name__)
-
-PHANTOM_QA_STREAM = 0x0A
-"""Seed stream of a phantom's QA pairs: ``default_rng([dataset seed, index, PHANTOM_QA_STREAM])``, the one
-``tools/make_phantoms.py`` uses, so an in-memory phantom shard matches the written benchmark."""
 
 
 @dataclass
@@ -143,14 +138,13 @@ def row_metadata(dataset: Dataset, index: int, split: str | None = None) -> dict
         return {**record, **extra}
     if isinstance(dataset, PhantomDataset):
         phantom = dataset.phantom(index)
-        rng = np.random.default_rng([dataset.seed, index, PHANTOM_QA_STREAM])
         return {
             "source": f"phantom:{dataset.seed}:{index}",
             "modality": phantom.modality,
             "caption": phantom.caption,
             "split": split,
             "attributes": phantom.attributes(),
-            "qa": normalise_qa([list(pair) for pair in phantom_questions(phantom, rng)], "phantom"),
+            "qa": normalise_qa([list(pair) for pair in dataset.questions(index)], "phantom"),
         }
     source = _row_source(dataset, index)
     return {"source": source, "modality": getattr(dataset, "modality", None), "caption": "", "split": split}

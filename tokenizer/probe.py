@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenizer.data.phantom_text import caption_for
-from tokenizer.data.phantom_vocab import MODALITIES, Finding, random_findings
+from tokenizer.data.phantom_vocab import MAX_FINDINGS, MODALITIES, Finding, random_findings
 from tokenizer.errors import InputError
 
 Truth = tuple[str, tuple[Finding, ...]]
+ZERO_SHOT_PROMPTS = 64
+"""Captions averaged into each class embedding by default (16 left the result at the mercy of the draw)."""
 """(modality, findings) of one phantom."""
 
 TASKS = ("modality", "finding_present")
@@ -69,8 +71,9 @@ def zero_shot_predict(image_embeddings: Tensor, class_embeddings: Tensor) -> Ten
 def class_prompts(classes: Sequence[str], prompts: int, seed: int) -> dict[str, list[list[str]]]:
     """Caption ensembles per task and class, drawn from the phantom caption generator.
 
-    ``modality``: per class, captions of that modality with 0-3 random findings; ``finding_present``: normal
-    captions, then captions with 1-3 findings, both of random modalities among ``classes``.
+    ``modality``: per class, captions of that modality with 0..MAX_FINDINGS random findings;
+    ``finding_present``: normal captions, then captions with 1..MAX_FINDINGS findings, both of random
+    modalities among ``classes``.
     """
     rng = np.random.default_rng(seed)
 
@@ -79,8 +82,11 @@ def class_prompts(classes: Sequence[str], prompts: int, seed: int) -> dict[str, 
 
     any_class = lambda: classes[int(rng.integers(len(classes)))]  # noqa: E731
     return {
-        "modality": [draw(lambda m=m: m, lambda: int(rng.integers(4))) for m in classes],
-        "finding_present": [draw(any_class, lambda: 0), draw(any_class, lambda: int(rng.integers(1, 4)))],
+        "modality": [draw(lambda m=m: m, lambda: int(rng.integers(MAX_FINDINGS + 1))) for m in classes],
+        "finding_present": [
+            draw(any_class, lambda: 0),
+            draw(any_class, lambda: int(rng.integers(1, MAX_FINDINGS + 1))),
+        ],
     }
 
 
@@ -89,7 +95,7 @@ def zero_shot(
     image_embeddings: Tensor,
     truths: Sequence[Truth],
     classes: Sequence[str] = MODALITIES,
-    prompts: int = 64,
+    prompts: int = ZERO_SHOT_PROMPTS,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Zero-shot modality and finding-present classification of (N, D) image embeddings.

@@ -22,6 +22,9 @@ Sections per device:
   ~18x longer than ours on a CPU (8x the steps over an 8x longer sequence: 100 s at batch 8), so the full
   run skips it unless asked: ``--hf-subcodes bar`` times it once at batch 8 with guidance, ``all``
   everywhere, in every round.
+- ``channels_last`` (only when named in ``--sections``): the training preset's tokenizer with model and input
+  in the default and in the channels-last memory format, in turn: encode / decode images/s at batch 8 and
+  training steps/s as in ``training``.
 - ``training``: steps/s and samples/s of a forward + backward + optimizer step without Lightning. The
   tokenizer step is ``TokenizerSystem.generator_losses`` (model + 0.2 L1 + L2 + VQ; no LPIPS, no GAN,
   no alignment) + backward + grad clip + the system's AdamW; the LM step is ``LMSystem.losses`` on packed
@@ -63,8 +66,10 @@ from tools.bench_lm import bench_decode, bench_prefill, build_lm, lm_flops_param
 from tools.bench_timing import Clock, autocast, peak_memory_mib, reset_peak  # noqa: E402
 from tools.trainer import cpu_has_bf16  # noqa: E402
 
-SECTIONS = ("tokenizer", "quantizer", "lm", "training")
+SECTIONS = ("tokenizer", "quantizer", "lm", "training", "channels_last")
 """What one run can measure; ``--sections`` picks some."""
+DEFAULT_SECTIONS = SECTIONS[:4]
+"""What a run measures unless told (``channels_last`` is a one-off comparison, asked for by name)."""
 
 
 @dataclass(frozen=True)
@@ -111,10 +116,14 @@ def bench_tokenizer(plan: Plan, clock: Clock) -> list[dict]:
 
 
 @torch.no_grad()
-def _tokenizer_row(model, preset: str, batch: int, clock: Clock) -> dict:
+def _tokenizer_row(
+    model, preset: str, batch: int, clock: Clock, memory_format=torch.contiguous_format
+) -> dict:
     size, channels = model.config.preprocess.image_size, model.config.preprocess.channels
     reset_peak(clock.device)
-    x = torch.rand(batch, channels, size, size, device=clock.device) * 2 - 1
+    x = (torch.rand(batch, channels, size, size, device=clock.device) * 2 - 1).contiguous(
+        memory_format=memory_format
+    )
     codes = model.encode_to_codes(x)
     t = clock.best({"encode": lambda: model.encode_to_codes(x), "decode": lambda: model.decode_codes(codes)})
     return {
@@ -167,7 +176,7 @@ def bench_training(plan: Plan, lm_model, clock: Clock, bf16: bool, peak_tflops: 
     return [tokenizer_training(plan, clock, bf16), row]
 
 
-def tokenizer_training(plan: Plan, clock: Clock, bf16: bool) -> dict:
+def tokenizer_training(plan: Plan, clock: Clock, bf16: bool, memory_format=torch.contiguous_format) -> dict:
     """``TokenizerSystem.generator_losses`` (recon stage, no LPIPS / GAN) + backward + clip + AdamW."""
     from tokenizer.alignment import AlignmentConfig
     from tokenizer.config import create_config
@@ -179,10 +188,11 @@ def tokenizer_training(plan: Plan, clock: Clock, bf16: bool) -> dict:
         model=create_config(preset), loss=LossConfig(lpips_weight=0.0, gan_weight=0.0),
         alignment=AlignmentConfig(stage="recon"),
     )  # fmt: skip
-    system = TokenizerSystem(config).to(device).train()
+    system = TokenizerSystem(config).to(device, memory_format=memory_format).train()
     (opt, _), _ = system.configure_optimizers()
     size = system.model.config.preprocess.image_size
     x = torch.rand(batch, system.model.config.preprocess.channels, size, size, device=device) * 2 - 1
+    x = x.contiguous(memory_format=memory_format)
 
     def step():
         with autocast(device, bf16):
@@ -194,6 +204,24 @@ def tokenizer_training(plan: Plan, clock: Clock, bf16: bool) -> dict:
 
     reset_peak(device)
     return _train_row("tokenizer", preset, batch, time_steps(step, clock), size * size, device)
+
+
+def bench_channels_last(plan: Plan, clock: Clock, bf16: bool) -> list[dict]:
+    """The training preset's tokenizer in the default and the channels-last memory format, in turn:
+    inference at batch 8 (fp32) and a training step (as ``training``), model and input in that format."""
+    from tokenizer.api import create_tokenizer
+
+    rows = []
+    preset = plan.tokenizer_train[0]
+    for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        model = create_tokenizer(preset).to(clock.device, memory_format=fmt).eval()
+        row = _tokenizer_row(model, preset, 8, clock, fmt)
+        train = tokenizer_training(plan, clock, bf16, fmt)
+        rows.append(
+            {"memory_format": name, **row, "train_steps_per_s": train["steps_per_s"],
+             "peak_memory_mib": max(row["peak_memory_mib"], train["peak_memory_mib"])}
+        )  # fmt: skip
+    return rows
 
 
 def lm_training(plan: Plan, lm_model, clock: Clock, bf16: bool) -> dict:
@@ -227,8 +255,8 @@ def _train_row(name: str, preset: str, batch: int, seconds: float, tokens: int, 
 
 
 # ----------------------------------------------------------------------------------------------- run
-def run_device(plan: Plan, device: torch.device, peak_tflops: float, sections=SECTIONS) -> dict:
-    """The chosen sections (default: all of :data:`SECTIONS`) on one device."""
+def run_device(plan: Plan, device: torch.device, peak_tflops: float, sections=DEFAULT_SECTIONS) -> dict:
+    """The chosen sections of :data:`SECTIONS` on one device."""
     clock = Clock(device, plan.reps)
     bf16 = device.type == "cuda" or cpu_has_bf16()
     infer_bf16 = device.type == "cuda"  # CPU inference stays fp32 (small bf16 matmuls are slower there)
@@ -237,6 +265,9 @@ def run_device(plan: Plan, device: torch.device, peak_tflops: float, sections=SE
         if name in sections:
             print(f"[{device}] {name} ...", flush=True)
             result[name] = fn(plan, clock)
+    if "channels_last" in sections:
+        print(f"[{device}] channels_last ...", flush=True)
+        result["channels_last"] = bench_channels_last(plan, clock, bf16)
     if "lm" not in sections and "training" not in sections:
         return result
     model, hf = build_lm(plan, device)
@@ -329,7 +360,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--presets", nargs="+", choices=("tiny", "small", "base", "large"), help="tokenizer presets"
     )
     p.add_argument(
-        "--sections", nargs="+", choices=SECTIONS, default=SECTIONS, help="what to measure (default all)"
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=DEFAULT_SECTIONS,
+        help="what to measure (default all but channels_last)",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes only (the test suite's run)")
     p.add_argument("--reps", type=int, help="best of this many timed runs (default 2)")

@@ -40,14 +40,12 @@ def _features(tokenizer, dataset, batch_size: int, device, advance) -> tuple[Any
     pooled, embedded, truths = [], [], []
     for start in range(0, len(dataset), batch_size):
         indices = range(start, min(start + batch_size, len(dataset)))
-        phantoms = [dataset.phantom(i) for i in indices]
-        images = torch.stack(
-            [dataset.sample(p, i)["image"] for p, i in zip(phantoms, indices, strict=True)]
-        ).to(device)
+        pairs = [(dataset[i]["image"], dataset.phantom(i)) for i in indices]  # each phantom generated once
+        images = torch.stack([image for image, _ in pairs]).to(device)
         pooled.append(pooled_latent(tokenizer, images).cpu())
         if tokenizer.align_head is not None:
             embedded.append(tokenizer.embed_image(images).float().cpu())
-        truths += [(p.modality, p.findings) for p in phantoms]
+        truths += [(p.modality, p.findings) for _, p in pairs]
         advance(len(indices))
     return torch.cat(pooled), torch.cat(embedded) if embedded else None, truths
 

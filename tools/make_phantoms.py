@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tokenizer.data.phantom_text import phantom_questions
 from tokenizer.data.phantom_vocab import MODALITIES
 from tokenizer.data.phantoms import PhantomDataset
 from tools.progress import progress_bar
@@ -71,7 +70,7 @@ def write_phantoms(args: argparse.Namespace) -> Path:
             phantom = dataset.phantom(i)
             name = f"images/{i:0{digits}d}.png"
             to_png(phantom.image).save(out / name)
-            qa = phantom_questions(phantom, np.random.default_rng([args.seed, i, 0x0A]))
+            qa = dataset.questions(i)
             row = {
                 "image": name,
                 "caption": phantom.caption,

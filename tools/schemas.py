@@ -26,6 +26,7 @@ from tokenizer.encode import TokenizerRef
 from tokenizer.evaluation import LPIPSConfig
 from tokenizer.losses import LossConfig
 from tokenizer.metrics import FeatureExtractorConfig
+from tokenizer.probe import ZERO_SHOT_PROMPTS
 from tokenizer.system import OptimConfig
 from tools.trainer import TrainerConfig
 
@@ -158,8 +159,8 @@ class EvalAlignmentRun:
     everything is scored on ``num_val`` held-out images of ``seed + 1``."""
     out: str = MISSING
     """Report directory (required): metrics.json and metrics.md."""
-    prompts: int = 64
-    """Zero-shot: captions averaged into each class embedding (16 left the result at the mercy of the draw)."""
+    prompts: int = ZERO_SHOT_PROMPTS
+    """Zero-shot: captions averaged into each class embedding."""
     device: str = "auto"
     """"auto" (CUDA when present), "cpu", "cuda", ..."""
     progress_bar: bool = True

@@ -62,11 +62,15 @@ def test_script_mode_imports_the_repository(tmp_path):
 
 
 def test_sections_pick_what_is_measured(tmp_path):
-    argv = ["--quick", "--device", "cpu", "--reps", "1", "--sections", "tokenizer", "--out", str(tmp_path)]
-    assert benchmark.main(argv) == 0
+    argv = ["--quick", "--device", "cpu", "--reps", "1", "--sections", "tokenizer", "channels_last"]
+    assert benchmark.main([*argv, "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "benchmark.json").read_text())
     measured = {k for k, v in report["results"]["cpu"].items() if isinstance(v, list)}
-    assert measured == {"tokenizer"} and report["bars"] == []
+    assert measured == {"tokenizer", "channels_last"} and report["bars"] == []
+    rows = report["results"]["cpu"]["channels_last"]
+    assert [r["memory_format"] for r in rows] == ["contiguous", "channels_last"]
+    for row in rows:
+        assert row["batch"] == 8 and all(row[k] > 0 for k in ("encode_images_per_s", "train_steps_per_s"))
 
 
 def test_bad_arguments_are_refused(capsys):

@@ -20,6 +20,8 @@ COLOR_MODALITIES = ("fundus", "histology")
 REGIONS = ("left upper", "right upper", "left lower", "right lower")
 SIZES = ("small", "large")
 INTENSITIES = ("bright", "dark")
+MAX_FINDINGS = 3
+"""A phantom has 0..MAX_FINDINGS findings, each in its own region."""
 
 _ZONES = {  # modality -> (|x| of the zone centres, y of upper zones, y of lower zones), normalised
     "ct": (0.46, -0.30, 0.24),

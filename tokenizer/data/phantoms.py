@@ -28,8 +28,9 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from tokenizer.data.phantom_text import caption_for
+from tokenizer.data.phantom_text import caption_for, phantom_questions
 from tokenizer.data.phantom_vocab import (
+    MAX_FINDINGS,
     MODALITIES,
     Finding,
     Phantom,
@@ -44,9 +45,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_NOISE = 0.01
 """Std of the additive Gaussian noise in [0, 1] units (kept <= 0.015 so a tokenizer can reach 28 dB)."""
 
+PHANTOM_QA_STREAM = 0x0A
+"""Seed stream of a phantom's QA pairs: ``default_rng([dataset seed, index, PHANTOM_QA_STREAM])``."""
 _RADIUS = {"small": 7 / 64, "large": 14 / 64}  # normalised units: the image spans [-1, 1]
 _JITTER = 1.5 / 64  # finding centre jitter, +-1.5 px at 128
-_MAX_FINDINGS = 3
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 """Luminance weights (ITU-R BT.601) that turn an RGB phantom into grayscale."""
@@ -354,7 +356,7 @@ def make_phantom(
         raise InputError(f"make_phantom: size must be an integer >= 16, got {size!r}")
     if modality is not None:
         modality = modality_name(modality, "make_phantom")
-    if num_findings is not None and num_findings not in range(_MAX_FINDINGS + 1):
+    if num_findings is not None and num_findings not in range(MAX_FINDINGS + 1):
         raise InputError(f"make_phantom: num_findings must be in 0..3, got {num_findings!r}")
     noise = DEFAULT_NOISE if noise is None else float(noise)
     if not 0.0 <= noise <= 0.5:
@@ -363,7 +365,7 @@ def make_phantom(
     drawn = MODALITIES[int(_rng(seed, 0).integers(len(MODALITIES)))]
     modality = modality or drawn
     frng = _rng(seed, 1)
-    count = int(frng.integers(_MAX_FINDINGS + 1))  # always drawn, so num_findings=drawn changes nothing
+    count = int(frng.integers(MAX_FINDINGS + 1))  # always drawn, so num_findings=drawn changes nothing
     count = count if num_findings is None else int(num_findings)
     findings = random_findings(frng, count)
     arng = _rng(seed, 2)
@@ -416,26 +418,39 @@ class PhantomDataset(Dataset):
                 raise InputError(f"PhantomDataset: modalities is empty; expected a subset of {MODALITIES}")
         self.num_images, self.seed, self.size, self.channels = int(num_images), int(seed), int(size), channels
         self.modalities = modalities
+        self._last: tuple[int, Phantom] | None = None  # callers wanting item and phantom generate it once
 
     def __len__(self) -> int:
         return self.num_images
 
     def phantom(self, index: int) -> Phantom:
-        """The :class:`Phantom` behind item ``index``."""
+        """The :class:`Phantom` behind item ``index``.
+
+        The last one is kept, so ``dataset[i]`` and ``dataset.phantom(i)`` in a row generate it once; its
+        image is read-only because the next caller shares it.
+        """
         if not -self.num_images <= index < self.num_images:
             raise IndexError(f"PhantomDataset index {index} out of range for {self.num_images} images")
         index %= self.num_images
+        if self._last is not None and self._last[0] == index:
+            return self._last[1]
         seed = dataset_seed(self.seed, index)
         modality = None
         if self.modalities is not None:
             modality = self.modalities[int(_rng(seed, 5).integers(len(self.modalities)))]
-        return make_phantom(seed, size=self.size, modality=modality)
+        phantom = make_phantom(seed, size=self.size, modality=modality)
+        phantom.image.setflags(write=False)
+        self._last = (index, phantom)
+        return phantom
+
+    def questions(self, index: int) -> list[tuple[str, str]]:
+        """Closed QA pairs of item ``index`` (:func:`phantom_questions`, drawn from the item's own QA stream:
+        the same pairs wherever the item is encoded, written or evaluated)."""
+        rng = np.random.default_rng([self.seed, index % self.num_images, PHANTOM_QA_STREAM])
+        return phantom_questions(self.phantom(index), rng)
 
     def __getitem__(self, index: int) -> dict:
-        return self.sample(self.phantom(index), index)
-
-    def sample(self, p: Phantom, index: int) -> dict:
-        """Item ``index`` made from its already generated phantom ``p`` (``self.phantom(index)``)."""
+        p = self.phantom(index)
         index %= self.num_images
         if p.image.ndim == 3:  # numpy, not torch: tiny torch ops cost more in thread start-up than work
             chw = (p.image @ LUMA)[None] if self.channels == 1 else p.image.transpose(2, 0, 1)

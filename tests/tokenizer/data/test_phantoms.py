@@ -44,6 +44,21 @@ def test_same_seed_same_phantom_and_drawn_modality_is_consistent():
     assert not np.array_equal(make_phantom(12, modality=a.modality).image, a.image)
 
 
+def test_dataset_item_phantom_and_questions_share_one_generation(monkeypatch):
+    dataset = PhantomDataset(3, seed=5, size=32)
+    calls = []
+    monkeypatch.setattr(ph, "make_phantom", lambda *a, **k: calls.append(a) or make_phantom(*a, **k))
+    item = dataset[1]
+    phantom, qa = dataset.phantom(1), dataset.questions(-2)  # -2 is item 1
+    assert len(calls) == 1 and item["caption"] == phantom.caption
+    with pytest.raises(ValueError):  # shared with later callers, so nobody may write into it
+        phantom.image[0, 0] = 0.0
+    rng = np.random.default_rng([5, 1, ph.PHANTOM_QA_STREAM])
+    assert qa == phantom_questions(make_phantom(*calls[0], size=32), rng)
+    dataset[2]
+    assert len(calls) == 2 and dataset.phantom(2) is dataset.phantom(2)
+
+
 @pytest.mark.parametrize("modality", MODALITIES)
 @pytest.mark.parametrize("size", [32, 96, 128])
 def test_image_shape_dtype_and_range(modality, size):
