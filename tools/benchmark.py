@@ -330,7 +330,9 @@ def markdown(report: dict) -> str:
     for device, sections in report["results"].items():
         for name, rows in sections.items():
             lines += _table(f"{device}: {name}", rows) if isinstance(rows, list) and rows else []
-    return "\n".join(lines + _table("Bars (set for the full run's sizes)", report["bars"])) + "\n"
+    if report["bars"]:
+        lines += _table("Bars (set for the full run's sizes)", report["bars"])
+    return "\n".join(lines) + "\n"
 
 
 def metadata(args: argparse.Namespace, plan: Plan, argv: list[str]) -> dict:
