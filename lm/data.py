@@ -7,7 +7,9 @@ Tasks (mixed per epoch by ``LMDataConfig.mix``):
   text→image (a prompt from :data:`TEXT_TO_IMAGE_TEMPLATES`, loss on the image span). With probability
   ``cond_dropout`` a text→image record loses its prompt, giving the unconditional ``<bos><boi>`` + image that
   classifier-free guidance uses.
-* ``vqa``: every entry of a row's ``"qa"`` list (``{"question", "answer"}``), image→text, loss on the answer.
+* ``vqa``: a row's ``"qa"`` list (``{"question", "answer"}`` entries) as image→text records of
+  ``vqa_turns`` question/answer turns each (all of them by default), in random order, loss on every answer:
+  one pass over the image teaches every answer, as in LLaVA's multi-turn instruction data.
 * ``records``: JSONL segment / chat records (interleaved documents), images referenced as ``"<shard>:<row>"``
   where ``<shard>`` is the shard directory's name.
 
@@ -101,16 +103,31 @@ def caption_record(
     return text_to_image_record(text_to_image_prompt(caption, row.get("modality"), template), image_ref)
 
 
-def vqa_record(qa: object, image_ref: str) -> dict:
-    """A ``{"question", "answer"}`` entry -> image→text record with loss on the answer only."""
-    if not isinstance(qa, dict) or not all(
-        isinstance(qa.get(k), str) and qa[k].strip() for k in ("question", "answer")
-    ):
-        raise RecordRejected(
-            "bad_record",
-            f"{image_ref}: a qa entry must be {{'question': str, 'answer': str}}, got {qa!r:.80}",
-        )
-    return image_to_text_record(image_ref, qa["question"].strip(), qa["answer"].strip())
+def vqa_record(entries: list, image_ref: str, rng: np.random.Generator | None = None) -> dict:
+    """``{"question", "answer"}`` entries of one image -> an image→text record with loss on the answers only.
+
+    ``<bos><boi> image <eoi> question\\n answer`` for the first entry, then ``\\n question\\n answer`` for each
+    further one, in ``rng``'s random order (the given order without ``rng``). The first turn is laid out
+    exactly like a single-question prompt, so inference asks one question at a time.
+    """
+    for j, qa in enumerate(entries):
+        if not isinstance(qa, dict) or not all(
+            isinstance(qa.get(k), str) and qa[k].strip() for k in ("question", "answer")
+        ):
+            raise RecordRejected(
+                "bad_record",
+                f"{image_ref}: qa entry {j} must be {{'question': str, 'answer': str}}, got {qa!r:.80}",
+            )
+    if not entries:
+        raise RecordRejected("empty", f"{image_ref}: no qa entries")
+    order = rng.permutation(len(entries)) if rng is not None else range(len(entries))
+    segments, loss_on = [{"image": image_ref}], []
+    for turn, j in enumerate(order):
+        question = entries[j]["question"].strip()
+        segments.append({"text": f"{question}\n" if turn == 0 else f"\n{question}\n"})
+        segments.append({"text": entries[j]["answer"].strip()})
+        loss_on.append(len(segments) - 1)
+    return {"segments": segments, "loss_on": loss_on}
 
 
 def text_corpus(shard: CodeShard | str | os.PathLike) -> list[str]:
@@ -163,6 +180,8 @@ class LMDataConfig:
     """Probability that a caption pair becomes image→text rather than text→image."""
     cond_dropout: float = 0.1
     """Probability that a text→image record loses its prompt (unconditional, for guidance)."""
+    vqa_turns: int = 0
+    """Question/answer turns per ``vqa`` record; 0 = all of an image's pairs in one record, 1 = one pair each."""
     max_len: int = 1024
     """Longest sequence in positions."""
     truncate: bool = True
@@ -191,6 +210,8 @@ class LMDataConfig:
         for name in ("image_first", "cond_dropout", "max_bad_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.vqa_turns < 0:
+            raise ValueError(f"vqa_turns must be >= 0 (0 = all pairs in one record), got {self.vqa_turns}")
         if self.max_len < 4 or self.batch_size < 1 or self.num_workers < 0:
             raise ValueError(
                 f"need max_len >= 4, batch_size >= 1, num_workers >= 0, got {self.max_len}, {self.batch_size}, {self.num_workers}"
@@ -240,7 +261,7 @@ class LMDataset(IterableDataset):
         """Batches of the epoch to skip (trained on before a resume); set by :class:`EpochDataLoader`."""
 
     def _items(self, split: str) -> dict[str, np.ndarray]:
-        """Per task, an (n, 3) int64 array of (source, index, sub-index)."""
+        """Per task, an (n, 3) int64 array of (source, index, sub-index: a vqa record's first qa entry)."""
         items: dict[str, list] = {t: [] for t in TASKS}
         default = split == self.config.train_split
         for s, shard in enumerate(self.shards):
@@ -250,7 +271,9 @@ class LMDataset(IterableDataset):
                 if isinstance(row.get("caption"), str) and row["caption"].strip():
                     items["caption"].append((s, i, 0))
                 qa = row.get("qa")
-                items["vqa"] += [(s, i, j) for j in range(len(qa))] if isinstance(qa, list) else []
+                if isinstance(qa, list) and qa:
+                    turns = self.config.vqa_turns or len(qa)
+                    items["vqa"] += [(s, i, j) for j in range(0, len(qa), turns)]
         for f, (_, lines) in enumerate(self.record_files):
             items["records"] += [(f, n, 0) for n, line in enumerate(lines) if line.strip()]
         return {t: np.asarray(v, dtype=np.int64).reshape(-1, 3) for t, v in items.items()}
@@ -303,9 +326,10 @@ class LMDataset(IterableDataset):
         shard = self.shards[source]
         ref = f"{shard.name}:{index}"
         row = shard.row(index)
-        if TASKS[task] == "vqa":
-            return vqa_record(row["qa"][sub], ref), f"{ref} qa {sub}"
         cfg = self.config
+        if TASKS[task] == "vqa":
+            entries = row["qa"][sub : sub + (cfg.vqa_turns or len(row["qa"]))]
+            return vqa_record(entries, ref, rng), f"{ref} qa {sub}"
         return caption_record(row, ref, rng, image_first=cfg.image_first, cond_dropout=cfg.cond_dropout), ref
 
     def sequence(self, plan: np.ndarray, position: int) -> Sequence:

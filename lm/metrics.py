@@ -10,8 +10,9 @@
   the best reference counts. Tokens: lower-cased words, punctuation dropped.
 * :func:`vqa_accuracy`: closed-question accuracy with :func:`~tokenizer.data.phantom_text.answer_matches`
   (synonyms accepted), overall and per question kind.
-* :class:`AttributeAccuracy`: phantom attributes (modality, count, exact findings set) of read-back images
-  or parsed captions against the truth; an unreadable output is wrong on every attribute.
+* :class:`AttributeAccuracy`: phantom attributes (modality, count, exact findings set; per true finding its
+  region, size and intensity) of read-back images or parsed captions against the truth; an unreadable
+  output is wrong on every attribute.
 * :func:`paired_cosine`: image-text alignment through aligned embeddings (zero-shot lives in
   :mod:`tokenizer.probe`).
 """
@@ -215,6 +216,14 @@ class AttributeScores:
     finding_recall: float | None
     """True findings that were predicted."""
     finding_f1: float | None
+    region: float | None
+    """True findings whose region holds a predicted finding (region recall)."""
+    size: float | None
+    """True findings whose region holds a predicted finding of the right size (a missed finding is wrong)."""
+    intensity: float | None
+    """True findings whose region holds a predicted finding of the right intensity."""
+    attribute_mean: float | None
+    """Mean of the modality, count, region, size and intensity rates (the defined ones)."""
     unreadable: int
     """Outputs that could not be read or parsed (counted wrong on every attribute)."""
 
@@ -225,6 +234,7 @@ class AttributeAccuracy:
     def __init__(self) -> None:
         self._flags: list[tuple[bool, bool, bool]] = []
         self.true_positives = self.false_positives = self.false_negatives = self.unreadable = 0
+        self.per_finding = Counter()  # "total", "region", "size", "intensity" over true findings
 
     def add(self, predicted: Attributes | None, truth: Attributes) -> dict[str, bool]:
         """Score one output (None = unreadable); returns its flags ``{"modality", "count", "findings", "exact"}``."""
@@ -239,6 +249,15 @@ class AttributeAccuracy:
             self.true_positives += len(found & true_set)
             self.false_positives += len(found - true_set)
             self.false_negatives += len(true_set - found)
+            at = {f.region: f for f in predicted[1]}
+            for f in true_set:
+                hit = at.get(f.region)
+                self.per_finding.update(
+                    region=hit is not None,
+                    size=hit is not None and hit.size == f.size,
+                    intensity=hit is not None and hit.intensity == f.intensity,
+                )
+        self.per_finding["total"] += len(true_set)
         self._flags.append(flags)
         return {"modality": flags[0], "count": flags[1], "findings": flags[2], "exact": flags[0] and flags[2]}
 
@@ -249,15 +268,21 @@ class AttributeAccuracy:
             return sum(values) / n if n else None
 
         tp, fp, fn = self.true_positives, self.false_positives, self.false_negatives
+        total = self.per_finding["total"]
+        per_finding = {k: self.per_finding[k] / total if total else None for k in ("region", "size", "intensity")}
+        modality, count = rate(f[0] for f in self._flags), rate(f[1] for f in self._flags)
+        defined = [r for r in (modality, count, *per_finding.values()) if r is not None]
         return AttributeScores(
             n=n,
-            modality=rate(f[0] for f in self._flags),
-            count=rate(f[1] for f in self._flags),
+            modality=modality,
+            count=count,
             findings=rate(f[2] for f in self._flags),
             exact=rate(f[0] and f[2] for f in self._flags),
             finding_precision=tp / (tp + fp) if tp + fp else None,
             finding_recall=tp / (tp + fn) if tp + fn else None,
             finding_f1=2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
+            **per_finding,
+            attribute_mean=sum(defined) / len(defined) if defined else None,
             unreadable=self.unreadable,
         )
 

@@ -40,20 +40,21 @@ def _num(value: float | None, spec: str = ".4g") -> str:
 
 def _attribute_cells(a: dict | None) -> list[str]:
     if a is None:
-        return ["–"] * 6
+        return ["–"] * 8
     keys = ("modality", "count", "findings", "exact", "finding_f1")
-    return [str(a["n"]), *(_pct(a[k]) for k in keys)]
+    per_finding = " / ".join(_pct(a[k]) for k in ("region", "size", "intensity"))
+    return [str(a["n"]), *(_pct(a[k]) for k in keys), per_finding, _pct(a["attribute_mean"])]
 
 
 def markdown_report(data: dict) -> str:
     """The Markdown page of a ``metrics.json`` dict (:func:`write_report`): command, tables, notes."""
     ref, scales = data["reference"], data["scales"]
     header = (
-        "| guidance | n | modality | count | findings | exact | finding F1 | FID | KID | precision | recall "
-        "| alignment | s / image |"
+        "| guidance | n | modality | count | findings | exact | finding F1 | region / size / intensity "
+        "| attribute mean | FID | KID | precision | recall | alignment | s / image |"
     )
     lines = ["# Generation benchmark (text → image)", "", "```", data["command"], "```", "", header]
-    lines.append("|---" * 13 + "|")
+    lines.append("|---" * 15 + "|")
     for name, m in scales.items():
         kid = "–" if m["kid"] is None else f"{m['kid']:.4g} ± {_num(m['kid_std'], '.2g')}"
         label = f"{name} (none)" if m["cfg_scale"] == 1.0 else name
@@ -102,7 +103,9 @@ def _notes(data: dict) -> list[str]:
         f"({{modality}} = {template}) + `<boi>`; guidance against `<bos><boi>`.",
         "- Attributes: the analytic reader (`read_phantom`) on each generated image vs the prompt's truth: "
         "modality, number of findings, exact set of findings (region, size, intensity), all exact; finding F1 "
-        "is micro-averaged over findings. The reader rows are ceilings on the same items.",
+        "is micro-averaged over findings; region / size / intensity: of the prompted findings, those the image "
+        "shows in their region, with the right size, with the right intensity; attribute mean: the mean of the "
+        "modality, count, region, size and intensity rates. The reader rows are ceilings on the same items.",
         f"- FID / KID / precision–recall features: {s['features']}"
         f"{' — RANDOM weights: compare only runs with the same features, never published numbers' if s['features_random'] else ''}; "
         f"reference set: {s['fid_reference']}.",

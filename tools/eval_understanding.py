@@ -41,6 +41,8 @@ def _attribute_row(name: str, a: dict) -> str:
         name,
         str(a["n"]),
         *(_pct(a[k]) for k in ("modality", "count", "findings", "exact", "finding_f1")),
+        " / ".join(_pct(a[k]) for k in ("region", "size", "intensity")),
+        _pct(a["attribute_mean"]),
     ]
     return "| " + " | ".join([*cells, str(a["unreadable"])]) + " |"
 
@@ -59,8 +61,11 @@ def markdown_report(data: dict) -> str:
     ]
     if cap["attributes"] is not None:
         lines += ["", "Report attributes (parse_caption of the report vs the truth):", ""]
-        lines += ["| modality | n | modality | count | findings | exact | finding F1 | unparseable |"]
-        lines += ["|---" * 8 + "|"]
+        lines += [
+            "| modality | n | modality | count | findings | exact | finding F1 | region / size / intensity "
+            "| attribute mean | unparseable |"
+        ]
+        lines += ["|---" * 10 + "|"]
         lines += [_attribute_row(m, a) for m, a in cap["per_modality"].items()]
         lines += [_attribute_row("**all**", cap["attributes"])]
     if vqa is not None:
@@ -107,7 +112,9 @@ def _notes(data: dict) -> list[str]:
         "- BLEU-4: corpus BLEU (clipped 1–4-gram precisions, brevity penalty) on lower-cased words and "
         "punctuation marks, one reference per image; ROUGE-L: mean LCS F1 on lower-cased words.",
         "- Attributes: a report that names neither a modality nor a complete finding is unparseable and wrong "
-        "on every attribute; finding F1 is micro-averaged over findings.",
+        "on every attribute; finding F1 is micro-averaged over findings; region / size / intensity: of the true "
+        "findings, those whose region the report names, with the right size, with the right intensity; "
+        "attribute mean: the mean of the modality, count, region, size and intensity rates.",
         "- VQA: `answer_matches` (synonyms, case and punctuation ignored); an off-vocabulary answer is wrong.",
         f"- Zero-shot: {zero_shot}.",
     ]

@@ -136,8 +136,10 @@ def train_lm(v: Variant, tokenizer: Path, shards: list[Path], stages: Path, devi
         f"tokenizer.checkpoint={tokenizer}",
         f"data.shard_dirs=[{','.join(str(s) for s in shards)}]",
         f"data.batch_size={v.lm_batch_size}",
-        # Each phantom has ~9 VQA pairs but one caption: weight captions up so prompt → image gets its share.
+        # ~9 VQA pairs per phantom in records of 3 turns (as long as a caption record, so no padding waste);
+        # captions weighted up so prompt → image gets its share (see docs/BENCHMARKS.md, LM section).
         "data.mix={caption:4.0,vqa:0.5,records:0.0}",
+        "data.vqa_turns=3",
         f"trainer={device}",
         f"trainer.max_steps={v.lm_steps}",
         "trainer.val_every_n_steps=0",

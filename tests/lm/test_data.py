@@ -17,7 +17,7 @@ from lm.data import (
     text_to_image_prompt,
     vqa_record,
 )
-from lm.sequence import IGNORE_INDEX, build_sequence
+from lm.sequence import IGNORE_INDEX, RecordRejected, build_sequence
 from lm.text_tokenizer import TextTokenizer
 from lm.vocab import Vocab
 from tokenizer.errors import InputError
@@ -147,9 +147,29 @@ def test_condition_dropout_gives_the_unconditional_prompt(env):
 
 
 def test_vqa_loss_on_answer_only(env):
-    seq = _build(env, vqa_record(env["shard"].row(0)["qa"][1], "phantoms:0"))
+    seq = _build(env, vqa_record(env["shard"].row(0)["qa"][1:], "phantoms:0"))
     targets = _targets(seq)[:, 0].tolist()
     assert env["tok"].decode(targets[:-1]) == "left" and targets[-1] == env["vocab"].eos
+
+
+def test_vqa_turns_share_one_image_and_first_turn_matches_a_single_question(env):
+    qa = env["shard"].row(0)["qa"]
+    orders = set()
+    for seed in range(8):
+        record = vqa_record(qa, "phantoms:0", np.random.default_rng(seed))
+        texts = [seg["text"] for seg in record["segments"][1:]]
+        assert record["segments"][0] == {"image": "phantoms:0"} and record["loss_on"] == [2, 4]
+        assert texts[0].endswith("\n") and not texts[0].startswith("\n") and texts[2].startswith("\n")
+        orders.add(texts[1])
+        seq = _build(env, record)
+        answers = env["tok"].decode([t for t in _targets(seq)[:, 0].tolist() if t < env["vocab"].num_text])
+        assert answers == texts[1] + texts[3]  # loss on both answers, nothing else
+    assert orders == {"yes", "left"}  # the turn order is random
+    first = vqa_record(qa, "phantoms:0", np.random.default_rng(0))
+    entry = next(e for e in qa if e["answer"] == first["segments"][2]["text"])
+    assert first["segments"][:3] == vqa_record([entry], "phantoms:0")["segments"]
+    with pytest.raises(RecordRejected, match="qa entry 1"):
+        vqa_record([qa[0], {"question": "q"}], "phantoms:0")
 
 
 def _epoch(ds, epoch):
@@ -161,7 +181,7 @@ def test_batches_shapes_ranges_and_skips(env):
     ds = _dataset(env)
     batches = _epoch(ds, 0)
     vocab = env["vocab"]
-    items = 15 + 2 * 4 + 1 + 5  # captions (16 train rows, one empty), qa entries (one malformed), records
+    items = 15 + 4 + 1 + 5  # captions (16 train rows, one empty), rows with qa (one malformed), records
     assert len(batches) == len(ds) == -(-items // 4)
     assert sum(len(b) for b in batches) == items  # bad records are replaced, so every slot is filled
     for b in batches:
@@ -189,7 +209,8 @@ def test_deterministic_given_seed_and_epoch(env):
 def test_mix_weights_and_rank_split(env):
     ds = _dataset(env, mix={"caption": 0.5, "vqa": 2.0, "records": 0.0})
     counts = Counter(ds.plan()[:, 0].tolist())
-    assert counts == {0: 8, 1: 18}
+    assert counts == {0: 8, 1: 10}
+    assert Counter(_dataset(env, vqa_turns=1).plan()[:, 0].tolist())[1] == 2 * 4 + 1  # one per qa entry
     ds = _dataset(env)
     full = {tuple(x) for x in ds.plan().tolist()}
     parts = []
@@ -202,7 +223,7 @@ def test_mix_weights_and_rank_split(env):
 def test_val_split_and_bad_fraction_limit(env):
     val = _dataset(env, split="val", shuffle=False, record_files=[])
     assert {int(s) for s in val.plan()[:, 2]} == {16, 17, 18, 19}
-    assert sum(len(b) for b in val) == 4 + 2
+    assert sum(len(b) for b in val) == 4 + 1
     with pytest.raises(InputError, match="max_bad_fraction"):
         list(_dataset(env, max_bad_fraction=0.01))
 
@@ -235,7 +256,7 @@ def test_data_module(env):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch.tokens.shape[0] == 4
-    assert sum(len(b) for b in dm.val_dataloader()) == 6
+    assert sum(len(b) for b in dm.val_dataloader()) == 4 + 1  # val rows: 4 captions, 1 vqa record
     wrong = Vocab(num_text=env["tok"].vocab_size, num_codebooks=K, codebook_size=V + 1, grid=GRID)
     with pytest.raises(InputError, match="phantoms"):
         LMDataModule(cfg, env["tok"], wrong)

@@ -126,8 +126,11 @@ def test_attribute_accuracy_on_hand_made_findings():
     # findings: TP 2 + 2 + 1 + 0, FP 1, FN 0 + 0 + 1 + 2 (the unreadable output misses both)
     assert s.finding_precision == pytest.approx(5 / 6) and s.finding_recall == pytest.approx(5 / 8)
     assert s.finding_f1 == pytest.approx(10 / 14) and s.unreadable == 1
+    # per true finding (8): regions found 2 + 2 + 2 + 0, right sizes 2 + 2 + 1 + 0, right intensities 6
+    assert (s.region, s.size, s.intensity) == (6 / 8, 5 / 8, 6 / 8)
+    assert s.attribute_mean == pytest.approx((0.5 + 0.75 + 6 / 8 + 5 / 8 + 6 / 8) / 5)
     empty = AttributeAccuracy().scores()
-    assert empty.n == 0 and empty.exact is None and empty.finding_f1 is None
+    assert empty.n == 0 and empty.exact is None and empty.finding_f1 is None and empty.attribute_mean is None
     normal = AttributeAccuracy()
     normal.add(("ct", ()), ("ct", ()))
     assert normal.scores().exact == 1.0 and normal.scores().finding_precision is None
