@@ -269,7 +269,9 @@ class AttributeAccuracy:
 
         tp, fp, fn = self.true_positives, self.false_positives, self.false_negatives
         total = self.per_finding["total"]
-        per_finding = {k: self.per_finding[k] / total if total else None for k in ("region", "size", "intensity")}
+        per_finding = {
+            k: self.per_finding[k] / total if total else None for k in ("region", "size", "intensity")
+        }
         modality, count = rate(f[0] for f in self._flags), rate(f[1] for f in self._flags)
         defined = [r for r in (modality, count, *per_finding.values()) if r is not None]
         return AttributeScores(
