@@ -272,11 +272,14 @@ class LMDataset(IterableDataset):
                     items["caption"].append((s, i, 0))
                 qa = row.get("qa")
                 if isinstance(qa, list) and qa:
-                    turns = self.config.vqa_turns or len(qa)
-                    items["vqa"] += [(s, i, j) for j in range(0, len(qa), turns)]
+                    items["vqa"] += [(s, i, j) for j in range(0, len(qa), self._turns(qa))]
         for f, (_, lines) in enumerate(self.record_files):
             items["records"] += [(f, n, 0) for n, line in enumerate(lines) if line.strip()]
         return {t: np.asarray(v, dtype=np.int64).reshape(-1, 3) for t, v in items.items()}
+
+    def _turns(self, qa: list) -> int:
+        """QA entries per vqa record of a row with the list ``qa``."""
+        return self.config.vqa_turns or len(qa)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -328,7 +331,7 @@ class LMDataset(IterableDataset):
         row = shard.row(index)
         cfg = self.config
         if TASKS[task] == "vqa":
-            entries = row["qa"][sub : sub + (cfg.vqa_turns or len(row["qa"]))]
+            entries = row["qa"][sub : sub + self._turns(row["qa"])]
             return vqa_record(entries, ref, rng), f"{ref} qa {sub}"
         return caption_record(row, ref, rng, image_first=cfg.image_first, cond_dropout=cfg.cond_dropout), ref
 

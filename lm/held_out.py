@@ -63,8 +63,9 @@ class GenerationEvalConfig(HeldOutConfig):
     """Held-out captions used as prompts (one image each per guidance scale)."""
     cfg_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
     """Classifier-free guidance scales to compare (1.0 = no guidance)."""
-    temperature: float = 1.0
-    """Image sub-code sampling temperature (0 = greedy)."""
+    temperature: float = 0.7
+    """Image sub-code sampling temperature (0 = greedy). 0.7, not 1: at 1 a rare sub-code sampled early sends a
+    small model's raster into another modality (docs/BENCHMARKS.md, the sampling-temperature sweep)."""
     top_k: int = 0
     """Image top-k (0 = off)."""
     top_p: float = 1.0

@@ -11,6 +11,25 @@ from pathlib import Path
 
 import torch
 
+ATTRIBUTE_COLUMNS = (
+    "n | modality | count | findings | exact | finding F1 | region / size / intensity | attribute mean"
+)
+"""Header cells of :func:`attribute_cells` (8 columns)."""
+
+
+def pct(value: float | None) -> str:
+    """A rate as a percentage with one decimal; "–" for None."""
+    return "–" if value is None else f"{value:.1%}"
+
+
+def attribute_cells(a: dict | None) -> list[str]:
+    """The 8 table cells of an ``AttributeScores`` dict (all "–" for None), in :data:`ATTRIBUTE_COLUMNS` order."""
+    if a is None:
+        return ["–"] * 8
+    rates = [pct(a[k]) for k in ("modality", "count", "findings", "exact", "finding_f1")]
+    per_finding = " / ".join(pct(a[k]) for k in ("region", "size", "intensity"))
+    return [str(a["n"]), *rates, per_finding, pct(a["attribute_mean"])]
+
 
 def save_figure(
     rows: list[tuple[str, torch.Tensor]],

@@ -21,9 +21,9 @@ from tokenizer.data.phantom_vocab import MAX_FINDINGS, MODALITIES, Finding, rand
 from tokenizer.errors import InputError
 
 Truth = tuple[str, tuple[Finding, ...]]
+"""(modality, findings) of one phantom."""
 ZERO_SHOT_PROMPTS = 64
 """Captions averaged into each class embedding by default (16 left the result at the mercy of the draw)."""
-"""(modality, findings) of one phantom."""
 
 TASKS = ("modality", "finding_present")
 """The two phantom classification tasks."""

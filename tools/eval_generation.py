@@ -20,6 +20,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from lm.report import ATTRIBUTE_COLUMNS, attribute_cells, pct, save_figure, write_outputs
 from tools.progress import progress_bar
 from tools.schemas import EvalGenerationRun, command_line, register
 
@@ -30,45 +31,28 @@ RUN_SUBDIR = ".eval"
 """Folder inside ``out`` for Hydra's logs and the resolved config."""
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{value:.1%}"
-
-
 def _num(value: float | None, spec: str = ".4g") -> str:
     return "–" if value is None else format(value, spec)
-
-
-def _attribute_cells(a: dict | None) -> list[str]:
-    if a is None:
-        return ["–"] * 8
-    keys = ("modality", "count", "findings", "exact", "finding_f1")
-    per_finding = " / ".join(_pct(a[k]) for k in ("region", "size", "intensity"))
-    return [str(a["n"]), *(_pct(a[k]) for k in keys), per_finding, _pct(a["attribute_mean"])]
 
 
 def markdown_report(data: dict) -> str:
     """The Markdown page of a ``metrics.json`` dict (:func:`write_report`): command, tables, notes."""
     ref, scales = data["reference"], data["scales"]
-    header = (
-        "| guidance | n | modality | count | findings | exact | finding F1 | region / size / intensity "
-        "| attribute mean | FID | KID | precision | recall | alignment | s / image |"
-    )
+    header = f"| guidance | {ATTRIBUTE_COLUMNS} | FID | KID | precision | recall | alignment | s / image |"
     lines = ["# Generation benchmark (text → image)", "", "```", data["command"], "```", "", header]
     lines.append("|---" * 15 + "|")
     for name, m in scales.items():
         kid = "–" if m["kid"] is None else f"{m['kid']:.4g} ± {_num(m['kid_std'], '.2g')}"
         label = f"{name} (none)" if m["cfg_scale"] == 1.0 else name
-        cells = [label, *_attribute_cells(m["attributes"]), _num(m["fid"]), kid, _pct(m["precision"])]
-        cells += [_pct(m["recall"]), _num(m["alignment"], ".4f"), _num(m["seconds_per_image"], ".3g")]
+        cells = [label, *attribute_cells(m["attributes"]), _num(m["fid"]), kid, pct(m["precision"])]
+        cells += [pct(m["recall"]), _num(m["alignment"], ".4f"), _num(m["seconds_per_image"], ".3g")]
         lines.append("| " + " | ".join(cells) + " |")
     for label, key in (
         ("real images", "reader_real"),
         ("tokenizer reconstructions", "reader_reconstruction"),
     ):
         if ref[key] is not None:
-            lines.append(
-                f"| reader on {label} | " + " | ".join(_attribute_cells(ref[key]) + ["–"] * 6) + " |"
-            )
+            lines.append(f"| reader on {label} | " + " | ".join(attribute_cells(ref[key]) + ["–"] * 6) + " |")
     modalities = sorted({m for scale in scales.values() for m in scale["per_modality"]})
     if modalities:
         lines += ["", "Exact match (modality and every finding) per modality:", ""]
@@ -76,7 +60,7 @@ def markdown_report(data: dict) -> str:
         lines += ["|---" * (len(scales) + 1) + "|"]
         for modality in modalities:
             cells = [scale["per_modality"].get(modality) for scale in scales.values()]
-            shown = [f"{_pct(c['exact'])} (n={c['n']})" if c else "–" for c in cells]
+            shown = [f"{pct(c['exact'])} (n={c['n']})" if c else "–" for c in cells]
             lines.append(f"| {modality} | " + " | ".join(shown) + " |")
     lines += ["", "Notes:", *_notes(data)]
     return "\n".join(lines) + "\n"
@@ -118,8 +102,6 @@ def _notes(data: dict) -> list[str]:
 
 def write_report(results, out_dir: str | Path, command: str) -> Path:
     """Write ``metrics.json``, ``metrics.md``, ``generations.jsonl`` and ``generation_grid.png``; returns ``out_dir``."""
-    from lm.report import save_figure, write_outputs
-
     data = {"command": command, **results.to_dict()}
     out = write_outputs(out_dir, data, markdown_report(data), results.samples, "generations.jsonl")
     grid = results.grid

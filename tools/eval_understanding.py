@@ -22,6 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from lm.report import ATTRIBUTE_COLUMNS, attribute_cells, pct, save_figure, write_outputs
 from tools.progress import progress_bar
 from tools.schemas import EvalUnderstandingRun, command_line, register
 
@@ -32,19 +33,8 @@ RUN_SUBDIR = ".eval"
 """Folder inside ``out`` for Hydra's logs and the resolved config."""
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{value:.1%}"
-
-
 def _attribute_row(name: str, a: dict) -> str:
-    cells = [
-        name,
-        str(a["n"]),
-        *(_pct(a[k]) for k in ("modality", "count", "findings", "exact", "finding_f1")),
-        " / ".join(_pct(a[k]) for k in ("region", "size", "intensity")),
-        _pct(a["attribute_mean"]),
-    ]
-    return "| " + " | ".join([*cells, str(a["unreadable"])]) + " |"
+    return "| " + " | ".join([name, *attribute_cells(a), str(a["unreadable"])]) + " |"
 
 
 def markdown_report(data: dict) -> str:
@@ -61,17 +51,14 @@ def markdown_report(data: dict) -> str:
     ]
     if cap["attributes"] is not None:
         lines += ["", "Report attributes (parse_caption of the report vs the truth):", ""]
-        lines += [
-            "| modality | n | modality | count | findings | exact | finding F1 | region / size / intensity "
-            "| attribute mean | unparseable |"
-        ]
+        lines += [f"| modality | {ATTRIBUTE_COLUMNS} | unparseable |"]
         lines += ["|---" * 10 + "|"]
         lines += [_attribute_row(m, a) for m, a in cap["per_modality"].items()]
         lines += [_attribute_row("**all**", cap["attributes"])]
     if vqa is not None:
         lines += ["", "Closed VQA:", "", "| question kind | n | accuracy |", "|---|---|---|"]
-        lines += [f"| {kind} | {v['n']} | {_pct(v['accuracy'])} |" for kind, v in vqa["per_kind"].items()]
-        lines += [f"| **all** | {vqa['n']} | {_pct(vqa['accuracy'])} |"]
+        lines += [f"| {kind} | {v['n']} | {pct(v['accuracy'])} |" for kind, v in vqa["per_kind"].items()]
+        lines += [f"| **all** | {vqa['n']} | {pct(vqa['accuracy'])} |"]
     if zs is not None:
         lines += ["", "Zero-shot classification through the image tokenizer's aligned embeddings:", ""]
         lines += [
@@ -81,8 +68,8 @@ def markdown_report(data: dict) -> str:
         for task in ("modality", "finding_present"):
             t = zs[task]
             lines.append(
-                f"| {task} | {', '.join(t['classes'])} | {t['n']} | {_pct(t['accuracy'])} "
-                f"| {_pct(t['balanced_accuracy'])} | {_pct(t['majority_baseline'])} |"
+                f"| {task} | {', '.join(t['classes'])} | {t['n']} | {pct(t['accuracy'])} "
+                f"| {pct(t['balanced_accuracy'])} | {pct(t['majority_baseline'])} |"
             )
     lines += ["", "Notes:", *_notes(data)]
     return "\n".join(lines) + "\n"
@@ -122,8 +109,6 @@ def _notes(data: dict) -> list[str]:
 
 def write_report(results, out_dir: str | Path, command: str) -> Path:
     """Write ``metrics.json``, ``metrics.md``, ``reports.jsonl`` and ``reports.png``; returns ``out_dir``."""
-    from lm.report import save_figure, write_outputs
-
     data = {"command": command, **results.to_dict()}
     out = write_outputs(out_dir, data, markdown_report(data), results.samples, "reports.jsonl")
     grid = results.grid

@@ -41,7 +41,7 @@ def evaluate_and_report(
     write_report(recon, run_dir / "reconstruction", "uv run python -m tools.quickstart (stage 5)")
 
     gen = evaluate_generation(
-        model, GenerationEvalConfig(num_prompts=variant.num_eval, cfg_scales=[1.0, 3.0], temperature=0.7)
+        model, GenerationEvalConfig(num_prompts=variant.num_eval, cfg_scales=[1.0, 3.0])
     )
     write_generation(gen, run_dir / "generation", "uv run python -m tools.quickstart (stage 5)")
     und = evaluate_understanding(model, UnderstandingEvalConfig(num_images=variant.num_eval))

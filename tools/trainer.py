@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,10 @@ def build_trainer(
 
     from tools.resume import AtomicCheckpointIO, RandomState
 
+    # The tokenizer's manual-optimization system checkpoints the state after its step on purpose (resume is
+    # exact, see tests/tools/test_train_tokenizer.py); Lightning would print a 15-line example against that
+    # at every run.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     # exact resume: the random generators travel with the checkpoint
     callbacks = [*(callbacks or []), RandomState()]
     callbacks.append(

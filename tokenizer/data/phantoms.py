@@ -357,7 +357,7 @@ def make_phantom(
     if modality is not None:
         modality = modality_name(modality, "make_phantom")
     if num_findings is not None and num_findings not in range(MAX_FINDINGS + 1):
-        raise InputError(f"make_phantom: num_findings must be in 0..3, got {num_findings!r}")
+        raise InputError(f"make_phantom: num_findings must be in 0..{MAX_FINDINGS}, got {num_findings!r}")
     noise = DEFAULT_NOISE if noise is None else float(noise)
     if not 0.0 <= noise <= 0.5:
         raise InputError(f"make_phantom: noise std must be in [0, 0.5], got {noise}")
