@@ -382,8 +382,8 @@ def generate_image(
     model: UnifiedModel,
     prompt: str | Sequence[str],
     *,
-    cfg_scale: float = 3.0,
-    temperature: float = 1.0,
+    cfg_scale: float = 1.5,
+    temperature: float = 0.7,
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
@@ -397,7 +397,9 @@ def generate_image(
         model: the unified model.
         prompt: a description (e.g. a caption) or a list of them; ``""`` is unconditional.
         cfg_scale: guidance scale; 1 disables guidance.
-        temperature, top_k, top_p: image sub-code sampling (temperature 0 = greedy).
+        temperature, top_k, top_p: image sub-code sampling (temperature 0 = greedy). The defaults (guidance
+            1.5, temperature 0.7) gave the best prompt-following images in docs/BENCHMARKS.md's sweep;
+            larger scales draw more of the prompted findings at the cost of the modality's look.
         seed: same seed, same images.
         modality: the ``{modality}`` of the training prompt template (the shard index's modality,
             e.g. "ct"); None = "medical", as for training rows without one.

@@ -14,11 +14,12 @@ Tasks (mixed per epoch by ``LMDataConfig.mix``):
   where ``<shard>`` is the shard directory's name.
 
 An epoch's plan is fixed by (seed, epoch): each task's items repeated ``mix`` times (a fraction draws a random
-subset), shuffled, split evenly over ranks, and cut into batches; a DataLoader worker takes every
-``num_workers``-th batch, so the batches do not depend on the number of workers. Every random choice of an
-item (direction, phrasing, dropout) is seeded by (seed, epoch, plan position). A bad record (unknown image,
-over-long, empty, malformed) is skipped, counted by reason, and replaced by the next item of the plan so every
-rank yields the same number of batches; the run fails once the skipped fraction passes ``max_bad_fraction``.
+subset), shuffled, split evenly over ranks, and cut into batches (of one task each with ``group_by_task``); a
+DataLoader worker takes every ``num_workers``-th batch, so the batches do not depend on the number of workers.
+Every random choice of an item (direction, phrasing, dropout) is seeded by (seed, epoch, plan position). A bad
+record (unknown image, over-long, empty, malformed) is skipped, counted by reason, and replaced by the next item
+of the plan so every rank yields the same number of batches; the run fails once the skipped fraction passes
+``max_bad_fraction``.
 """
 
 from __future__ import annotations
@@ -188,6 +189,9 @@ class LMDataConfig:
     """Cut over-long records at a segment boundary; False rejects them."""
     pad_to_max: bool = False
     """Pad every batch to max_len (static shapes) instead of its longest sequence."""
+    group_by_task: bool = False
+    """Training batches of one task each (in random order), so short caption sequences are not padded to
+    the length of an all-turns VQA sequence in the same batch."""
     batch_size: int = 8
     """Sequences per batch per device."""
     num_workers: int = 0
@@ -310,7 +314,19 @@ class LMDataset(IterableDataset):
             raise InputError("LM data: no items (check shard_dirs, record_files, the split names and mix)")
         if per_rank == 0:
             raise InputError(f"LM data: {len(plan)} items cannot be split over {self.world_size} ranks")
-        return plan[self.rank :: self.world_size][:per_rank]
+        plan = plan[self.rank :: self.world_size][:per_rank]
+        return self._grouped(plan) if self.config.group_by_task and self.shuffle else plan
+
+    def _grouped(self, plan: np.ndarray) -> np.ndarray:
+        """``plan`` reordered into whole batches of one task in random order; the partial ones go last."""
+        bs, rng = self.config.batch_size, np.random.default_rng([self.config.seed, self.epoch, self.rank, 1])
+        full, partial = [], []
+        for t in range(len(TASKS)):
+            rows = plan[plan[:, 0] == t]
+            for start in range(0, len(rows), bs):
+                (full if start + bs <= len(rows) else partial).append(rows[start : start + bs])
+        full = [full[i] for i in rng.permutation(len(full))]
+        return np.concatenate(full + partial)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""

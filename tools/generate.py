@@ -40,8 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--describe", metavar="IMAGE", help="image file to describe")
     parser.add_argument("--out", help="output directory for PNGs and prompts.json (image mode)")
     parser.add_argument("--num", type=int, default=4, help="images per prompt")
-    parser.add_argument("--cfg-scale", type=float, default=3.0, help="guidance scale; 1 disables it")
-    parser.add_argument("--temperature", type=float, default=None, help="default 1 (images) / 0 (text)")
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale; 1 disables it")
+    parser.add_argument("--temperature", type=float, default=None, help="default 0.7 (images) / 0 (text)")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="prompt p uses seed + p")
@@ -68,7 +68,7 @@ def write_images(model, args: argparse.Namespace) -> Path:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    temperature = 1.0 if args.temperature is None else args.temperature
+    temperature = 0.7 if args.temperature is None else args.temperature
     records = []
     for p, prompt in enumerate(args.prompt):
         seed = args.seed + p

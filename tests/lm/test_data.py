@@ -220,6 +220,23 @@ def test_mix_weights_and_rank_split(env):
     assert len({len(p) for p in parts}) == 1 and not (parts[0] & parts[1]) and set().union(*parts) <= full
 
 
+def test_group_by_task_gives_one_task_per_batch(env):
+    mix = {"caption": 2.0, "vqa": 3.0, "records": 1.0}
+    plain, grouped = _dataset(env, mix=mix).plan(), _dataset(env, mix=mix, group_by_task=True).plan()
+    assert sorted(map(tuple, grouped.tolist())) == sorted(map(tuple, plain.tolist()))  # same items
+    tasks = grouped[:, 0]
+    whole = sum(n // 4 for n in np.bincount(tasks))  # batches that can be of one task
+    assert whole >= 8 and all(len(set(tasks[i * 4 : i * 4 + 4].tolist())) == 1 for i in range(whole))
+    assert tasks[: whole * 4].tolist() != sorted(tasks[: whole * 4].tolist())  # batches in random order
+    assert grouped.tolist() == _dataset(env, mix=mix, group_by_task=True).plan().tolist()
+    ds = _dataset(env, mix=mix, group_by_task=True)
+    ds.set_epoch(1)
+    assert ds.plan().tolist() != grouped.tolist()
+    assert _dataset(env, split="val", shuffle=False, group_by_task=True).plan().tolist() == (
+        _dataset(env, split="val", shuffle=False).plan().tolist()
+    )  # evaluation order unchanged
+
+
 def test_val_split_and_bad_fraction_limit(env):
     val = _dataset(env, split="val", shuffle=False, record_files=[])
     assert {int(s) for s in val.plan()[:, 2]} == {16, 17, 18, 19}
