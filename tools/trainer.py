@@ -130,7 +130,15 @@ def build_trainer(
         )
     )
     if cfg.progress_bar:
-        callbacks.append(RichProgressBar(leave=True))
+
+        class StepLimitedBar(RichProgressBar):
+            # Lightning titles a run limited by max_steps (max_epochs -1) "Epoch 0/-2"
+            def _get_train_description(self, current_epoch: int) -> str:
+                if self.trainer.max_epochs == -1 and self.trainer.max_steps > 0:
+                    return f"Epoch {current_epoch} (run ends at step {self.trainer.max_steps})"
+                return super()._get_train_description(current_epoch)
+
+        callbacks.append(StepLimitedBar(leave=True))
     return L.Trainer(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
