@@ -145,19 +145,22 @@ class LMSystem(L.LightningModule):
     def forward(self, batch: Batch) -> LMOutput:
         return self.model(batch.tokens, batch.image_pos, batch.attention_mask, labels=batch.labels)
 
-    def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """``loss`` (weighted total, with grad) and the detached parts ``text_loss``, ``image_loss``, ``z_loss``."""
+    def losses(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """``loss`` (weighted total, with grad) and the detached parts ``text_loss``, ``image_loss``, ``z_loss``;
+        and the number of targets behind each part (a batch of VQA records has no image target)."""
         out = self(batch)
         o = self.config.optim
-        return {
+        losses = {
             "loss": out.total_loss(o.text_weight, o.image_weight),
             "text_loss": out.text_loss.detach(),
             "image_loss": out.image_loss.detach(),
             "z_loss": out.z_loss.detach(),
         }
+        n_text, n_image = out.num_text_targets, out.num_image_targets
+        return losses, {"text_loss": n_text, "image_loss": n_image, "z_loss": n_text}
 
     def training_step(self, batch: Batch, batch_idx: int):
-        losses = self.losses(batch)
+        losses, targets = self.losses(batch)
         n = batch.tokens.shape[0]
         if self.config.optim.skip_nonfinite:
             why = self.loss_guard.judge(losses["loss"])
@@ -172,18 +175,18 @@ class LMSystem(L.LightningModule):
                 )
                 self.log("train/skipped_steps", float(self.skipped_steps), batch_size=n)
                 return None  # Lightning runs no backward and no optimizer step for a None loss
-        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
+        # a part without targets in this batch is not logged (its 0 is no measurement)
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if targets.get(k)}, batch_size=n)
         self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return losses["loss"]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        losses = self.losses(batch)
-        self.log_dict(
-            {f"val/{k}": v.detach() for k, v in losses.items()},
-            batch_size=batch.tokens.shape[0],
-            sync_dist=True,
-        )
+        losses, targets = self.losses(batch)
+        for k, v in losses.items():
+            # the epoch value is the mean over targets: a batch without image targets adds nothing to
+            # val/image_loss (every rank logs every key, as sync_dist needs)
+            self.log(f"val/{k}", v.detach(), batch_size=targets.get(k, batch.tokens.shape[0]), sync_dist=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if self.config.optim.grad_clip:

@@ -235,7 +235,7 @@ def lm_training(plan: Plan, lm_model, clock: Clock, bf16: bool) -> dict:
 
     def step():
         with autocast(device, bf16):
-            loss = system.losses(data)["loss"]
+            loss = system.losses(data)[0]["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(system.parameters(), system.config.optim.grad_clip)

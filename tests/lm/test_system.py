@@ -165,7 +165,7 @@ def test_nonfinite_loss_skips_the_step(env, tmp_path, caplog):
         out = original(batch)
         calls["n"] += 1
         if calls["n"] == 2:
-            out["loss"] = out["loss"] * float("nan")
+            out[0]["loss"] = out[0]["loss"] * float("nan")
         return out
 
     system.losses = poisoned
@@ -192,7 +192,7 @@ def test_bf16_autocast_and_grad_checkpointing(env, tmp_path):
     for flag in (False, True):
         torch.manual_seed(0)
         s = LMSystem(train_config(env, max_steps=2, grad_checkpointing=flag)).train()
-        s.losses(batch)["loss"].backward()
+        s.losses(batch)[0]["loss"].backward()
         grads.append(torch.cat([p.grad.flatten() for p in s.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1])
 
@@ -206,5 +206,31 @@ def test_a_batch_without_image_targets_trains(env):
     from lm.sequence import Batch
 
     batch = Batch(tokens, labels, torch.full((1, 5), -1), torch.ones(1, 5, dtype=torch.bool))
-    losses = system.losses(batch)
+    losses, targets = system.losses(batch)
     assert torch.isfinite(losses["loss"]) and losses["image_loss"] == 0
+    assert targets == {"text_loss": 4, "image_loss": 0, "z_loss": 4}  # the 0 is not logged as a loss
+
+
+def test_val_losses_are_means_over_targets(env):
+    from lm.sequence import Batch
+
+    vocab = env["vocab"]
+    system = LMSystem(train_config(env, max_steps=1))
+    dm = LMDataModule(env["data"], env["text"], env["vocab"])
+    dm.setup()
+    with_images = next(b for b in dm.train_dataloader() if vocab.is_image(b.labels[..., 0]).any())
+    tokens = vocab.text_rows([vocab.bos, 5, 6, 7, vocab.eos])[None]
+    labels = torch.full_like(tokens, -100)
+    labels[:, :-1] = tokens[:, 1:]
+    text_only = Batch(tokens, labels, torch.full((1, 5), -1), torch.ones(1, 5, dtype=torch.bool))
+    system.eval()
+    with torch.no_grad():
+        (a, na), (b, nb) = system.losses(with_images), system.losses(text_only)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    loader = torch.utils.data.DataLoader([with_images, text_only], batch_size=None)
+    got = trainer.validate(system, dataloaders=loader, verbose=False)[0]
+    assert got["val/image_loss"] == pytest.approx(float(a["image_loss"]), rel=1e-5)  # not halved by the 0
+    text = (a["text_loss"] * na["text_loss"] + b["text_loss"] * nb["text_loss"]) / (na["text_loss"] + 4)
+    assert got["val/text_loss"] == pytest.approx(float(text), rel=1e-5)
