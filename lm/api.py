@@ -446,7 +446,8 @@ def describe_image(
         model: the unified model.
         image: anything ``tokenize_image`` accepts (path, PIL image, array, tensor), or integer codes
             (K, h, w); a list of those (or a batch tensor) gives a list of answers.
-        question: None for the report instruction, a question, or one per image.
+        question: None for the report instruction, a question, or one per image (an answer ends at its
+            first line break, as the model was trained to end it).
         max_new_tokens: text budget per answer.
         temperature, top_k, top_p: text sampling (temperature 0 = greedy).
         seed: seeds sampling.
@@ -463,9 +464,9 @@ def describe_image(
     )
     outs = generate_tokens(model.lm, prompts, sampling, seed=seed)
     texts = []
-    for rows in outs:
-        parts = split_segments(model, rows)
-        texts.append(" ".join(p for p in parts if isinstance(p, str)).strip())
+    for rows, q in zip(outs, questions, strict=True):
+        text = " ".join(p for p in split_segments(model, rows) if isinstance(p, str)).strip()
+        texts.append(text if q is None else text.split("\n", 1)[0].strip())  # an answer ends at its line
     return texts[0] if single else texts
 
 

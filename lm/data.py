@@ -107,9 +107,10 @@ def caption_record(
 def vqa_record(entries: list, image_ref: str, rng: np.random.Generator | None = None) -> dict:
     """``{"question", "answer"}`` entries of one image -> an image→text record with loss on the answers only.
 
-    ``<bos><boi> image <eoi> question\\n answer`` for the first entry, then ``\\n question\\n answer`` for each
-    further one, in ``rng``'s random order (the given order without ``rng``). The first turn is laid out
-    exactly like a single-question prompt, so inference asks one question at a time.
+    ``<bos><boi> image <eoi> question\\n answer\\n question\\n answer … <eos>`` in ``rng``'s random order (the
+    given order without ``rng``). Every answer is trained together with its end (the newline, or ``<eos>``
+    after the last), so a model stops after answering; the first turn is laid out exactly like a
+    single-question prompt, so inference asks one question at a time.
     """
     for j, qa in enumerate(entries):
         if not isinstance(qa, dict) or not all(
@@ -121,12 +122,12 @@ def vqa_record(entries: list, image_ref: str, rng: np.random.Generator | None = 
             )
     if not entries:
         raise RecordRejected("empty", f"{image_ref}: no qa entries")
-    order = rng.permutation(len(entries)) if rng is not None else range(len(entries))
+    order = list(rng.permutation(len(entries)) if rng is not None else range(len(entries)))
     segments, loss_on = [{"image": image_ref}], []
-    for turn, j in enumerate(order):
-        question = entries[j]["question"].strip()
-        segments.append({"text": f"{question}\n" if turn == 0 else f"\n{question}\n"})
-        segments.append({"text": entries[j]["answer"].strip()})
+    for j in order:
+        answer = entries[j]["answer"].strip()
+        segments.append({"text": f"{entries[j]['question'].strip()}\n"})
+        segments.append({"text": answer if j == order[-1] else f"{answer}\n"})  # the last one ends in <eos>
         loss_on.append(len(segments) - 1)
     return {"segments": segments, "loss_on": loss_on}
 

@@ -97,6 +97,15 @@ def test_describe_image_returns_text(model):
         lm.describe_image(model, [codes], ["a?", "b?"])
 
 
+def test_an_answer_ends_at_its_line_and_a_report_does_not(model, monkeypatch):
+    vocab = model.vocab
+    said = vocab.text_rows([*model.text_tokenizer.encode("yes\nIs it large?\nno"), vocab.eos])
+    monkeypatch.setattr(lm.api, "generate_tokens", lambda lm_, prompts, *a, **k: [said] * len(prompts))
+    codes = tokenize_image(make_phantom(7, size=32).image, model.image_tokenizer)
+    answer, report = lm.describe_image(model, [codes, codes], ["Is there a lesion?", None])
+    assert answer == "yes" and report == "yes\nIs it large?\nno"
+
+
 def test_generate_interleaved_and_split_segments(model):
     vocab = model.vocab
     codes = torch.randint(0, vocab.codebook_size, (vocab.num_codebooks, *vocab.grid))

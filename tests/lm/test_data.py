@@ -159,15 +159,17 @@ def test_vqa_turns_share_one_image_and_first_turn_matches_a_single_question(env)
         record = vqa_record(qa, "phantoms:0", np.random.default_rng(seed))
         texts = [seg["text"] for seg in record["segments"][1:]]
         assert record["segments"][0] == {"image": "phantoms:0"} and record["loss_on"] == [2, 4]
-        assert texts[0].endswith("\n") and not texts[0].startswith("\n") and texts[2].startswith("\n")
+        assert all(t.endswith("\n") and not t.startswith("\n") for t in texts[:3])  # questions, first answer
+        assert "\n" not in texts[3]  # the last answer ends in <eos>
         orders.add(texts[1])
         seq = _build(env, record)
-        answers = env["tok"].decode([t for t in _targets(seq)[:, 0].tolist() if t < env["vocab"].num_text])
-        assert answers == texts[1] + texts[3]  # loss on both answers, nothing else
-    assert orders == {"yes", "left"}  # the turn order is random
+        targets = _targets(seq)[:, 0].tolist()
+        answers = env["tok"].decode([t for t in targets if t < env["vocab"].num_text])
+        assert answers == texts[1] + texts[3] and targets[-1] == env["vocab"].eos  # each answer and its end
+    assert orders == {"yes\n", "left\n"}  # the turn order is random
     first = vqa_record(qa, "phantoms:0", np.random.default_rng(0))
-    entry = next(e for e in qa if e["answer"] == first["segments"][2]["text"])
-    assert first["segments"][:3] == vqa_record([entry], "phantoms:0")["segments"]
+    entry = next(e for e in qa if e["answer"] == first["segments"][2]["text"].strip())
+    assert first["segments"][:2] == vqa_record([entry], "phantoms:0")["segments"][:2]
     with pytest.raises(RecordRejected, match="qa entry 1"):
         vqa_record([qa[0], {"question": "q"}], "phantoms:0")
 
