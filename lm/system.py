@@ -176,7 +176,8 @@ class LMSystem(L.LightningModule):
                 self.log("train/skipped_steps", float(self.skipped_steps), batch_size=n)
                 return None  # Lightning runs no backward and no optimizer step for a None loss
         # a part without targets in this batch is not logged (its 0 is no measurement)
-        self.log_dict({f"train/{k}": v for k, v in losses.items() if targets.get(k)}, batch_size=n)
+        parts = {f"train/{k}": v for k, v in losses.items() if k != "loss" and targets[k]}
+        self.log_dict(parts, batch_size=n)
         self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return losses["loss"]

@@ -40,7 +40,7 @@ def markdown_report(data: dict) -> str:
     ref, scales = data["reference"], data["scales"]
     header = f"| guidance | {ATTRIBUTE_COLUMNS} | FID | KID | precision | recall | alignment | s / image |"
     lines = ["# Generation benchmark (text → image)", "", "```", data["command"], "```", "", header]
-    lines.append("|---" * 15 + "|")
+    lines.append("|---" * (header.count("|") - 1) + "|")
     for name, m in scales.items():
         kid = "–" if m["kid"] is None else f"{m['kid']:.4g} ± {_num(m['kid_std'], '.2g')}"
         label = f"{name} (none)" if m["cfg_scale"] == 1.0 else name

@@ -51,8 +51,8 @@ def markdown_report(data: dict) -> str:
     ]
     if cap["attributes"] is not None:
         lines += ["", "Report attributes (parse_caption of the report vs the truth):", ""]
-        lines += [f"| modality | {ATTRIBUTE_COLUMNS} | unparseable |"]
-        lines += ["|---" * 10 + "|"]
+        header = f"| modality | {ATTRIBUTE_COLUMNS} | unparseable |"
+        lines += [header, "|---" * (header.count("|") - 1) + "|"]
         lines += [_attribute_row(m, a) for m, a in cap["per_modality"].items()]
         lines += [_attribute_row("**all**", cap["attributes"])]
     if vqa is not None:
