@@ -462,7 +462,9 @@ def describe_image(
     sampling = SamplingConfig(
         text_temperature=temperature, text_top_k=top_k, text_top_p=top_p, max_new_tokens=max_new_tokens
     )
-    outs = generate_tokens(model.lm, prompts, sampling, seed=seed)
+    # an answer ends at its line (as trained), a report at <eos>; a batch of only questions stops there
+    stop_ids = model.text_tokenizer.line_break_ids if None not in questions else ()
+    outs = generate_tokens(model.lm, prompts, sampling, seed=seed, stop_ids=stop_ids)
     texts = []
     for rows, q in zip(outs, questions, strict=True):
         text = " ".join(p for p in split_segments(model, rows) if isinstance(p, str)).strip()

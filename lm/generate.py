@@ -20,6 +20,7 @@ beforehand); ``compile=True`` runs both through ``torch.compile`` with static sh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -446,6 +447,7 @@ def generate_tokens(
     *,
     seed: int,
     stop_at_eos: bool = True,
+    stop_ids: Sequence[int] = (),
     force_image: bool = False,
     use_cache: bool = True,
     compile: bool = False,
@@ -458,6 +460,8 @@ def generate_tokens(
         sampling: temperatures, top-k / top-p, guidance and the budget ``max_new_tokens``.
         seed: seeds the torch.Generator that drives every draw; same seed -> same output.
         stop_at_eos: a sequence stops after it samples ``<eos>``.
+        stop_ids: text ids that end a sequence too, kept in its output (e.g. the line breaks that end a
+            one-line answer: :attr:`lm.text_tokenizer.TextTokenizer.line_break_ids`).
         force_image: append ``<boi>`` to every prompt that is not already inside an image.
         use_cache: False recomputes the whole sequence every step (a reference for tests).
         compile: run the per-position backbone step and the K depth-head steps through ``torch.compile``
@@ -466,17 +470,19 @@ def generate_tokens(
 
     Returns:
         Per prompt the rows (T_out, K) appended after it (a forced ``<boi>`` included), up to and
-        including ``<eos>``.
+        including the stop (``<eos>`` or one of ``stop_ids``).
     """
     guided = sampling.cfg_scale != 1.0
-    return _generate(model, prompts, sampling, seed, stop_at_eos, force_image, guided, use_cache, compile)
+    stops = [*([model.vocab.eos] if stop_at_eos else []), *stop_ids]
+    return _generate(model, prompts, sampling, seed, stops, force_image, guided, use_cache, compile)
 
 
 def _generate(
-    model, prompts, sampling, seed, stop_at_eos, force_image, guided, use_cache, compile
+    model, prompts, sampling, seed, stops, force_image, guided, use_cache, compile
 ) -> list[torch.Tensor]:
     vocab: Vocab = model.vocab
     device = next(model.parameters()).device
+    stops = torch.tensor(stops, dtype=torch.long, device=device)
     hw, k, max_new = vocab.image_length, vocab.num_codebooks, sampling.max_new_tokens
     (tokens, image_pos, mask), open_rows, forced = _prepare(
         vocab, prompts, max_new, force_image, guided, device
@@ -523,8 +529,8 @@ def _generate(
         starting = valid & ~in_image & (new[:, 0] == vocab.boi)
         image_idx = torch.where(drawing, image_idx + 1, torch.where(starting, 0, image_idx))
         in_image = drawing | starting
-        if stop_at_eos:
-            ending = valid & (new[:, 0] == vocab.eos)
+        if len(stops):
+            ending = valid & torch.isin(new[:, 0], stops)
             lengths = torch.where(ending, step + 1, lengths)
             done = done | ending
         steps = step + 1

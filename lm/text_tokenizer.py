@@ -7,6 +7,7 @@ are placed by ``lm/sequence.py``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -127,6 +128,16 @@ class TextTokenizer:
         if bad:
             raise InputError(f"decode: ids must lie in [0, {self._vocab_size}), got {bad[:5]}")
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    @functools.cached_property
+    def line_break_ids(self) -> tuple[int, ...]:
+        """The ids whose text holds a line break: where a one-line answer ends (see ``lm.data.vqa_record``)."""
+        pieces = self.tokenizer.batch_decode(
+            [[i] for i in range(self._vocab_size)],
+            skip_special_tokens=False,
+            clean_up_tokenization_spaces=False,
+        )
+        return tuple(i for i, piece in enumerate(pieces) if "\n" in piece)
 
     def __repr__(self) -> str:
         return f"TextTokenizer({type(self.tokenizer).__name__}, vocab_size={self.vocab_size})"

@@ -171,6 +171,15 @@ def test_images_have_exactly_hw_positions_and_boi_needs_room(model, monkeypatch)
             assert int((out[:, 0] == VOCAB.boi).sum()) == images  # never a <boi> without room
 
 
+def test_a_stop_id_ends_a_sequence_where_it_is_sampled(model):
+    text_prompt = [VOCAB.text_rows([VOCAB.bos, 5])]
+    sampling = SamplingConfig(text_temperature=0.0, max_new_tokens=HW)
+    free = generate_tokens(model, text_prompt, sampling, seed=0, stop_at_eos=False)[0][:, 0].tolist()
+    at = next(i for i, t in enumerate(free) if t < VOCAB.num_text)  # the first text id sampled
+    stopped = generate_tokens(model, text_prompt, sampling, seed=0, stop_at_eos=False, stop_ids=[free[at]])
+    assert stopped[0][:, 0].tolist() == free[: at + 1] and at + 1 < len(free)  # the same run, cut after it
+
+
 def test_sampled_generation_structure_and_determinism(model):
     runs = (
         (SamplingConfig(text_top_k=20, image_top_p=0.9, max_new_tokens=3 * (HW + 2)), False),
@@ -215,7 +224,7 @@ def test_guidance_scale_one_equals_no_guidance_and_scale_matters(model):
     for kwargs in (GREEDY, {}):
         sampling = SamplingConfig(**kwargs, max_new_tokens=2 * HW + 3)
         plain = generate_tokens(model, prompts(), sampling, seed=3, force_image=True)
-        doubled = _generate(model, prompts(), sampling, 3, True, True, True, True, False)
+        doubled = _generate(model, prompts(), sampling, 3, [VOCAB.eos], True, True, True, False)
         assert all(torch.equal(x, y) for x, y in zip(plain, doubled, strict=True))
     strong = SamplingConfig(**GREEDY, cfg_scale=8.0, max_new_tokens=HW + 1)
     plain = generate_image_codes(model, prompts(), SamplingConfig(**GREEDY), seed=0)

@@ -30,6 +30,12 @@ def test_bpe_trains_merges_and_round_trips(bpe):
     assert bpe.encode_batch([text, "nodule"]) == [ids, bpe.encode("nodule")]
 
 
+def test_line_break_ids(bpe):
+    breaks = bpe.line_break_ids
+    assert breaks and all("\n" in bpe.decode([i]) for i in breaks)
+    assert set(bpe.encode("yes\nno")) & set(breaks) and not set(bpe.encode("yes no")) & set(breaks)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.text(max_size=40))
 def test_bpe_round_trips_any_string(bpe, text):
