@@ -23,6 +23,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,10 @@ from lm.config import LMConfig, lm_config
 from lm.data import (
     DEFAULT_MODALITY,
     IMAGE_TO_TEXT_INSTRUCTIONS,
+    REPORT_FIRST_INSTRUCTION,
     TEXT_TO_IMAGE_TEMPLATES,
+    modality_prompt,
+    one_line,
     text_to_image_prompt,
 )
 from lm.generate import SamplingConfig, generate_image_codes, generate_tokens
@@ -180,7 +184,7 @@ def phantom_text_corpus(num_images: int = 1000, seed: int = 0) -> tuple[str, ...
     from tokenizer.data.phantom_vocab import MAX_FINDINGS, MODALITIES, Phantom, random_findings
 
     rng = np.random.default_rng(seed)
-    texts: list[str] = list(IMAGE_TO_TEXT_INSTRUCTIONS)
+    texts: list[str] = [*IMAGE_TO_TEXT_INSTRUCTIONS, REPORT_FIRST_INSTRUCTION]
     for m in (*MODALITIES, DEFAULT_MODALITY):
         texts += [t.format(modality=m, caption="") for t in TEXT_TO_IMAGE_TEMPLATES]
     for i in range(num_images):
@@ -338,13 +342,23 @@ def text_to_image_prompt_tokens(
 
 
 def image_to_text_prompt_tokens(
-    model: UnifiedModel, codes: torch.Tensor, question: str | None = None
+    model: UnifiedModel, codes: torch.Tensor, question: str | None = None, report: str | None = None
 ) -> torch.Tensor:
-    """The (T, K) ids of ``<bos><boi> image <eoi> instruction\\n``: the caption instruction or a VQA question."""
+    """The (T, K) ids of ``<bos><boi> image <eoi> instruction\\n``: the caption instruction or a VQA question.
+
+    With a ``report`` (describe-then-answer, as in training): ``<bos><boi> image <eoi>``
+    ``REPORT_FIRST_INSTRUCTION\\n`` + the report and ``\\n`` + the question and ``\\n``; ``report=""`` gives
+    the prompt that asks for the report.
+    """
     if question is not None and (not isinstance(question, str) or not question.strip()):
         raise InputError(f"question: expected a non-empty str or None, got {question!r}")
-    instruction = IMAGE_TO_TEXT_INSTRUCTIONS[0] if question is None else question.strip()
-    return _prompt(model, [{"image": "0"}, {"text": f"{instruction}\n"}], [codes])
+    if report is None:
+        instruction = IMAGE_TO_TEXT_INSTRUCTIONS[0] if question is None else question.strip()
+        return _prompt(model, [{"image": "0"}, {"text": f"{instruction}\n"}], [codes])
+    segments = [{"image": "0"}, {"text": f"{REPORT_FIRST_INSTRUCTION}\n"}]
+    segments += [{"text": f"{one_line(report)}\n"}] if report.strip() or question is not None else []
+    segments += [{"text": f"{question.strip()}\n"}] if question is not None else []
+    return _prompt(model, segments, [codes])
 
 
 def split_segments(model: UnifiedModel, rows: torch.Tensor) -> list[str | torch.Tensor]:
@@ -389,9 +403,10 @@ def generate_image(
     seed: int = 0,
     modality: str | None = None,
     cfg_interval: tuple[float, float] = (0.0, 1.0),
+    cfg_against: str = "unconditional",
     compile: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image per prompt, with classifier-free guidance against ``<bos><boi>``.
+    """One image per prompt, with classifier-free guidance against ``<bos><boi>`` or the modality-only prompt.
 
     Args:
         model: the unified model.
@@ -404,6 +419,9 @@ def generate_image(
         modality: the ``{modality}`` of the training prompt template (the shard index's modality,
             e.g. "ct"); None = "medical", as for training rows without one.
         cfg_interval: guidance applies to image positions p with start <= p / (h*w) < end.
+        cfg_against: what guidance pushes away from: ``"unconditional"`` (``<bos><boi>``) or ``"modality"``
+            (``modality_prompt(modality)``, e.g. "Generate a ct image:"; for a model trained with
+            ``data.modality_dropout > 0``), which amplifies the described findings and keeps the modality.
         compile: decode through ``torch.compile`` (worth it for many images: the first call per batch
             size compiles for about a minute on a CPU; see :func:`lm.generate.generate_tokens`).
 
@@ -414,6 +432,7 @@ def generate_image(
     if not prompts:
         raise InputError("prompt: expected a str or a non-empty list of str")
     rows = [text_to_image_prompt_tokens(model, p, modality) for p in prompts]
+    negatives = guidance_partners(model, len(rows), cfg_against, modality)
     sampling = SamplingConfig(
         image_temperature=temperature,
         image_top_k=top_k,
@@ -421,8 +440,29 @@ def generate_image(
         cfg_scale=cfg_scale,
         cfg_interval=cfg_interval,
     )
-    codes = generate_image_codes(model.lm, rows, sampling, seed, compile=compile).cpu()
-    return detokenize(codes, model.image_tokenizer), codes
+    codes = generate_image_codes(model.lm, rows, sampling, seed, compile=compile, negative_prompts=negatives)
+    return detokenize(codes.cpu(), model.image_tokenizer), codes.cpu()
+
+
+CFG_AGAINST = ("unconditional", "modality")
+"""What classifier-free guidance may push away from (``generate_image``'s ``cfg_against``)."""
+
+
+def guidance_partners(
+    model: UnifiedModel, n: int, cfg_against: str, modality: str | list[str | None] | None = None
+) -> list[torch.Tensor] | None:
+    """The negative prompts (T, K) of ``n`` text→image prompts for ``cfg_against``; None = ``<bos><boi>``.
+
+    ``modality``: one for all prompts or one per prompt (None = "medical", as in the prompt template).
+    """
+    if cfg_against not in CFG_AGAINST:
+        raise InputError(f"cfg_against: expected one of {CFG_AGAINST}, got {cfg_against!r}")
+    if cfg_against == "unconditional":
+        return None
+    modalities = list(modality) if isinstance(modality, list | tuple) else [modality] * n
+    if len(modalities) != n:
+        raise InputError(f"modality: {len(modalities)} modalities for {n} prompts")
+    return [_prompt(model, [{"text": modality_prompt(m)}], []) for m in modalities]
 
 
 @torch.no_grad()
@@ -431,7 +471,10 @@ def describe_image(
     image,
     question: str | Sequence[str | None] | None = None,
     *,
+    report_first: bool = False,
+    report: str | Sequence[str] | None = None,
     max_new_tokens: int = 64,
+    max_report_tokens: int = 96,
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -448,7 +491,13 @@ def describe_image(
             (K, h, w); a list of those (or a batch tensor) gives a list of answers.
         question: None for the report instruction, a question, or one per image (an answer ends at its
             first line break, as the model was trained to end it).
-        max_new_tokens: text budget per answer.
+        report_first: describe-then-answer (for a model trained with ``data.vqa_report_first > 0``): the model
+            first writes a one-line report of each distinct image under ``REPORT_FIRST_INSTRUCTION``, then
+            answers each question after it; with ``question=None`` that report is returned.
+        report: the report(s) to answer after (one, or one per image), instead of having the model write them;
+            implies ``report_first``.
+        max_new_tokens: text budget per answer (per report when ``question`` is None).
+        max_report_tokens: text budget of a report written before answering.
         temperature, top_k, top_p: text sampling (temperature 0 = greedy).
         seed: seeds sampling.
         modality, window, slice_index: preprocessing hints passed to ``tokenize_image``.
@@ -458,18 +507,53 @@ def describe_image(
     questions = list(question) if isinstance(question, list | tuple) else [question] * len(codes)
     if len(questions) != len(codes):
         raise InputError(f"question: {len(questions)} questions for {len(codes)} images")
-    prompts = [image_to_text_prompt_tokens(model, c, q) for c, q in zip(codes, questions, strict=True)]
     sampling = SamplingConfig(
         text_temperature=temperature, text_top_k=top_k, text_top_p=top_p, max_new_tokens=max_new_tokens
     )
-    # an answer ends at its line (as trained), a report at <eos>; a batch of only questions stops there
+    if report is not None:
+        reports = [report] * len(codes) if isinstance(report, str) else list(report)
+        if len(reports) != len(codes) or not all(isinstance(r, str) for r in reports):
+            raise InputError(
+                f"report: expected a str or {len(codes)} str (one per image), got {report!r:.80}"
+            )
+    elif report_first:
+        budget = max_report_tokens if any(q is not None for q in questions) else max_new_tokens
+        reports = _one_line_reports(model, codes, replace(sampling, max_new_tokens=budget), seed)
+    else:
+        reports = None
+    if reports is None:
+        prompts = [image_to_text_prompt_tokens(model, c, q) for c, q in zip(codes, questions, strict=True)]
+    else:
+        asked = [i for i, q in enumerate(questions) if q is not None]
+        prompts = [image_to_text_prompt_tokens(model, codes[i], questions[i], reports[i]) for i in asked]
+    texts = _complete(model, prompts, questions if reports is None else [""] * len(prompts), sampling, seed)
+    if reports is not None:
+        answers = iter(texts)
+        texts = [reports[i] if q is None else next(answers) for i, q in enumerate(questions)]
+    return texts[0] if single else texts
+
+
+def _complete(model, prompts, questions, sampling: SamplingConfig, seed: int) -> list[str]:
+    """Text continuations; an item with a question (not None) is an answer that ends at its line."""
+    if not prompts:
+        return []
+    # an answer ends at its line (as trained), a report at <eos>; a batch of only answers stops there
     stop_ids = model.text_tokenizer.line_break_ids if None not in questions else ()
     outs = generate_tokens(model.lm, prompts, sampling, seed=seed, stop_ids=stop_ids)
     texts = []
     for rows, q in zip(outs, questions, strict=True):
         text = " ".join(p for p in split_segments(model, rows) if isinstance(p, str)).strip()
-        texts.append(text if q is None else text.split("\n", 1)[0].strip())  # an answer ends at its line
-    return texts[0] if single else texts
+        texts.append(text if q is None else text.split("\n", 1)[0].strip())
+    return texts
+
+
+def _one_line_reports(model, codes: list[torch.Tensor], sampling: SamplingConfig, seed: int) -> list[str]:
+    """The one-line report a describe-then-answer model writes of each image (once per distinct image)."""
+    keys = [c.numpy().tobytes() for c in codes]
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}  # distinct image -> its first index
+    prompts = [image_to_text_prompt_tokens(model, codes[i], report="") for i in first.values()]
+    written = dict(zip(first, _complete(model, prompts, [""] * len(prompts), sampling, seed), strict=True))
+    return [written[k] for k in keys]
 
 
 @torch.no_grad()

@@ -6,10 +6,14 @@ Tasks (mixed per epoch by ``LMDataConfig.mix``):
   :data:`IMAGE_TO_TEXT_INSTRUCTIONS`, loss on the caption) with probability ``image_first``, otherwise as
   text→image (a prompt from :data:`TEXT_TO_IMAGE_TEMPLATES`, loss on the image span). With probability
   ``cond_dropout`` a text→image record loses its prompt, giving the unconditional ``<bos><boi>`` + image that
-  classifier-free guidance uses.
+  classifier-free guidance uses; with probability ``modality_dropout`` it keeps only the template with the
+  modality (``"Generate a ct image:"``), the partner of modality-keeping guidance (``cfg_against="modality"``).
 * ``vqa``: a row's ``"qa"`` list (``{"question", "answer"}`` entries) as image→text records of
   ``vqa_turns`` question/answer turns each (all of them by default), in random order, loss on every answer:
-  one pass over the image teaches every answer, as in LLaVA's multi-turn instruction data.
+  one pass over the image teaches every answer, as in LLaVA's multi-turn instruction data. With probability
+  ``vqa_report_first`` the record first has the model write the row's caption as a one-line report
+  (:data:`REPORT_FIRST_INSTRUCTION`), then answer: describe-then-answer, which ``describe_image(...,
+  report_first=True)`` follows at inference.
 * ``records``: JSONL segment / chat records (interleaved documents), images referenced as ``"<shard>:<row>"``
   where ``<shard>`` is the shard directory's name.
 
@@ -61,6 +65,8 @@ TEXT_TO_IMAGE_TEMPLATES: tuple[str, ...] = (
     "Draw a {modality} image matching this description: {caption}",
 )
 """Prompts of text→image records; the first is the one inference uses."""
+REPORT_FIRST_INSTRUCTION = "Describe the image, then answer the questions."
+"""Instruction of describe-then-answer VQA records: a one-line report, then the question/answer turns."""
 DEFAULT_MODALITY = "medical"
 MAX_REPLACEMENTS = 64  # consecutive bad items tolerated before giving up
 MIN_SEEN_FOR_LIMIT = 100  # records seen before the bad fraction is checked mid-epoch
@@ -82,13 +88,25 @@ def text_to_image_prompt(caption: str, modality: str | None = None, template: in
     return TEXT_TO_IMAGE_TEMPLATES[template].format(modality=modality or DEFAULT_MODALITY, caption=caption)
 
 
+def modality_prompt(modality: str | None = None, template: int = 0) -> str:
+    """The template with its modality and no description (``"Generate a ct image:"``): a text→image prompt that
+    says only what kind of image to draw, the guidance partner of ``cfg_against="modality"``."""
+    return TEXT_TO_IMAGE_TEMPLATES[template].format(modality=modality or DEFAULT_MODALITY, caption="").strip()
+
+
 def text_to_image_record(prompt: str, image_ref: str) -> dict:
     """``<bos> prompt <boi> image <eoi> <eos>`` with loss on the image span; ``prompt=""`` is unconditional."""
     return {"segments": [{"text": prompt}, {"image": image_ref}], "loss_on": [1]}
 
 
 def caption_record(
-    row: dict, image_ref: str, rng: np.random.Generator, *, image_first: float, cond_dropout: float
+    row: dict,
+    image_ref: str,
+    rng: np.random.Generator,
+    *,
+    image_first: float,
+    cond_dropout: float,
+    modality_dropout: float = 0.0,
 ) -> dict:
     """One direction of an (image, caption) pair, chosen with ``rng`` (see the module docstring)."""
     caption = row.get("caption")
@@ -101,16 +119,30 @@ def caption_record(
     if rng.random() < cond_dropout:
         return text_to_image_record("", image_ref)
     template = int(rng.integers(len(TEXT_TO_IMAGE_TEMPLATES)))
+    if (
+        modality_dropout and rng.random() < modality_dropout
+    ):  # no draw when off: older plans stay as they were
+        return text_to_image_record(modality_prompt(row.get("modality"), template), image_ref)
     return text_to_image_record(text_to_image_prompt(caption, row.get("modality"), template), image_ref)
 
 
-def vqa_record(entries: list, image_ref: str, rng: np.random.Generator | None = None) -> dict:
+def one_line(text: str) -> str:
+    """``text`` with every run of white space (line breaks included) made one space."""
+    return " ".join(text.split())
+
+
+def vqa_record(
+    entries: list, image_ref: str, rng: np.random.Generator | None = None, report: str | None = None
+) -> dict:
     """``{"question", "answer"}`` entries of one image -> an image→text record with loss on the answers only.
 
     ``<bos><boi> image <eoi> question\\n answer\\n question\\n answer … <eos>`` in ``rng``'s random order (the
     given order without ``rng``). Every answer is trained together with its end (the newline, or ``<eos>``
     after the last), so a model stops after answering; the first turn is laid out exactly like a
     single-question prompt, so inference asks one question at a time.
+
+    With a ``report`` the turns follow ``REPORT_FIRST_INSTRUCTION\\n report\\n`` (the report on one line,
+    trained like an answer): the model describes the image, then answers from what it wrote.
     """
     for j, qa in enumerate(entries):
         if not isinstance(qa, dict) or not all(
@@ -124,6 +156,11 @@ def vqa_record(entries: list, image_ref: str, rng: np.random.Generator | None = 
         raise RecordRejected("empty", f"{image_ref}: no qa entries")
     order = list(rng.permutation(len(entries)) if rng is not None else range(len(entries)))
     segments, loss_on = [{"image": image_ref}], []
+    if report is not None:
+        if not isinstance(report, str) or not report.strip():
+            raise RecordRejected("empty", f"{image_ref}: empty report for a describe-then-answer record")
+        segments += [{"text": f"{REPORT_FIRST_INSTRUCTION}\n"}, {"text": f"{one_line(report)}\n"}]
+        loss_on.append(2)
     for j in order:
         answer = entries[j]["answer"].strip()
         segments.append({"text": f"{entries[j]['question'].strip()}\n"})
@@ -143,7 +180,7 @@ def text_corpus(shard: CodeShard | str | os.PathLike) -> list[str]:
         for qa in row.get("qa") or []:
             if isinstance(qa, dict):
                 texts += [qa[k] for k in ("question", "answer") if isinstance(qa.get(k), str)]
-    texts += list(IMAGE_TO_TEXT_INSTRUCTIONS)
+    texts += [*IMAGE_TO_TEXT_INSTRUCTIONS, REPORT_FIRST_INSTRUCTION]
     texts += [t.format(modality=m, caption="") for t in TEXT_TO_IMAGE_TEMPLATES for m in sorted(modalities)]
     return texts
 
@@ -182,8 +219,14 @@ class LMDataConfig:
     """Probability that a caption pair becomes image→text rather than text→image."""
     cond_dropout: float = 0.1
     """Probability that a text→image record loses its prompt (unconditional, for guidance)."""
+    modality_dropout: float = 0.0
+    """Probability that a (not dropped) text→image record keeps only the modality (``modality_prompt``): the
+    partner of guidance that keeps the modality (``generate_image(..., cfg_against="modality")``)."""
     vqa_turns: int = 0
     """Question/answer turns per ``vqa`` record; 0 = all of an image's pairs in one record, 1 = one pair each."""
+    vqa_report_first: float = 0.0
+    """Probability that a ``vqa`` record of a captioned row opens with the caption as a one-line report
+    (describe-then-answer, ``describe_image(..., report_first=True)``); the others ask directly."""
     max_len: int = 1024
     """Longest sequence in positions."""
     truncate: bool = True
@@ -212,7 +255,13 @@ class LMDataConfig:
             raise ValueError(
                 f"mix must map tasks {TASKS} to weights >= 0 with a positive sum, got {dict(self.mix)}"
             )
-        for name in ("image_first", "cond_dropout", "max_bad_fraction"):
+        for name in (
+            "image_first",
+            "cond_dropout",
+            "modality_dropout",
+            "vqa_report_first",
+            "max_bad_fraction",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.vqa_turns < 0:
@@ -349,8 +398,20 @@ class LMDataset(IterableDataset):
         cfg = self.config
         if TASKS[task] == "vqa":
             entries = row["qa"][sub : sub + self._turns(row["qa"])]
-            return vqa_record(entries, ref, rng), f"{ref} qa {sub}"
-        return caption_record(row, ref, rng, image_first=cfg.image_first, cond_dropout=cfg.cond_dropout), ref
+            caption = row.get("caption")
+            report_first = (  # no draw when off: older plans stay as they were
+                cfg.vqa_report_first > 0 and isinstance(caption, str) and caption.strip()
+            ) and rng.random() < cfg.vqa_report_first
+            return vqa_record(entries, ref, rng, caption if report_first else None), f"{ref} qa {sub}"
+        record = caption_record(
+            row,
+            ref,
+            rng,
+            image_first=cfg.image_first,
+            cond_dropout=cfg.cond_dropout,
+            modality_dropout=cfg.modality_dropout,
+        )
+        return record, ref
 
     def sequence(self, plan: np.ndarray, position: int) -> Sequence:
         """Build the sequence of ``plan[position]``; raises RecordRejected."""
@@ -535,6 +596,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "IMAGE_TO_TEXT_INSTRUCTIONS",
+    "REPORT_FIRST_INSTRUCTION",
     "TASKS",
     "TEXT_TO_IMAGE_TEMPLATES",
     "EpochDataLoader",
@@ -545,6 +607,8 @@ __all__ = [
     "build_vocab",
     "caption_record",
     "image_to_text_record",
+    "modality_prompt",
+    "one_line",
     "text_corpus",
     "text_to_image_prompt",
     "text_to_image_record",

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lm.api import UnifiedModel, describe_image, text_to_image_prompt_tokens
+from lm.api import UnifiedModel, describe_image, guidance_partners, text_to_image_prompt_tokens
 from lm.generate import SamplingConfig, generate_image_codes
 from lm.held_out import (
     GenerationEvalConfig,
@@ -160,10 +160,13 @@ class _ScaleRun:
         self.attributes, self.per_modality = AttributeAccuracy(), {}
         self.seconds = 0.0
 
-    def generate(self, model: UnifiedModel, rows: list[torch.Tensor], seed: int) -> torch.Tensor:
-        """(B, C, H, W) images in [-1, 1] for the prompt rows, timed."""
+    def generate(
+        self, model: UnifiedModel, rows: list[torch.Tensor], seed: int, negatives=None
+    ) -> torch.Tensor:
+        """(B, C, H, W) images in [-1, 1] for the prompt rows (guided against ``negatives``), timed."""
         started = time.perf_counter()
-        codes = generate_image_codes(model.lm, rows, self.sampling, seed).cpu()
+        negatives = negatives if self.sampling.cfg_scale != 1.0 else None
+        codes = generate_image_codes(model.lm, rows, self.sampling, seed, negative_prompts=negatives).cpu()
         images = detokenize(codes, model.image_tokenizer)
         self.seconds += time.perf_counter() - started
         return images
@@ -281,12 +284,13 @@ def evaluate_generation(
         keep = max(0, cfg.num_grid - len(grid["captions"]))
         grid["captions"] += [it.caption for it in batch[:keep]]
         grid["real"].append(real[:keep].cpu())
+        modalities = [it.modality if cfg.prompt_modality else None for it in batch]
         rows = [
-            text_to_image_prompt_tokens(model, it.caption, it.modality if cfg.prompt_modality else None)
-            for it in batch
+            text_to_image_prompt_tokens(model, it.caption, m) for it, m in zip(batch, modalities, strict=True)
         ]
+        negatives = guidance_partners(model, len(batch), cfg.cfg_against, modalities)
         for run in runs:
-            images = run.generate(model, rows, cfg.seed + b)
+            images = run.generate(model, rows, cfg.seed + b, negatives)
             run.add(model, batch, images, feature_net, text_emb, new, keep)
             if progress is not None:
                 progress(len(batch))
@@ -299,6 +303,7 @@ def evaluate_generation(
         "fid_reliable": len(items) >= RELIABLE_FID_IMAGES,
         "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p},
         "prompt_modality": cfg.prompt_modality,
+        "cfg_against": cfg.cfg_against,
     }
     real_features = torch.cat(reference.features)
     grid = {"captions": grid["captions"], "real": torch.cat(grid["real"])}
@@ -366,16 +371,28 @@ def _answer_questions(
     codes: torch.Tensor,
     cfg: UnderstandingEvalConfig,
     seed: int,
-) -> list[list[dict[str, Any]]]:
-    """Per item of ``batch``: ``[{"question", "answer", "predicted", "kind", "correct"}]``."""
+) -> tuple[list[list[dict[str, Any]]], list[str] | None]:
+    """Per item of ``batch``: ``[{"question", "answer", "predicted", "kind", "correct"}]``; and with
+    ``cfg.report_first`` the one-line report each item's answers follow (else None)."""
     asked = [(j, q, a) for j, it in enumerate(batch) for q, a in it.qa[: cfg.max_questions]]
     out: list[list[dict[str, Any]]] = [[] for _ in batch]
+    reports = None
+    if cfg.report_first and asked:  # each image's report once, then every question after it
+        reports = describe_image(
+            model,
+            codes,
+            report_first=True,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=seed,
+        )
     for start in range(0, len(asked), cfg.batch_size):
         chunk = asked[start : start + cfg.batch_size]
         predicted = describe_image(
             model,
             codes[[j for j, _, _ in chunk]],
             [q for _, q, _ in chunk],
+            report=None if reports is None else [reports[j] for j, _, _ in chunk],
             max_new_tokens=cfg.vqa_max_new_tokens,
             temperature=cfg.temperature,
             seed=seed,
@@ -390,7 +407,7 @@ def _answer_questions(
                     "correct": answer_matches(text, answer),
                 }  # fmt: skip
             )
-    return out
+    return out, reports
 
 
 def _captioning_summary(samples: list[dict], attributes: AttributeAccuracy, per_modality: dict) -> dict:
@@ -444,10 +461,12 @@ def evaluate_understanding(
             temperature=cfg.temperature,
             seed=cfg.seed + b,
         )
-        answers = (
-            _answer_questions(model, batch, codes, cfg, cfg.seed + b) if cfg.vqa else [[] for _ in batch]
+        answers, vqa_reports = (
+            _answer_questions(model, batch, codes, cfg, cfg.seed + b)
+            if cfg.vqa
+            else ([[] for _ in batch], None)
         )
-        for item, report, qa in zip(batch, reports, answers, strict=True):
+        for i, (item, report, qa) in enumerate(zip(batch, reports, answers, strict=True)):
             parsed = caption_attributes(report)
             sample = {
                 "source": item.source,
@@ -459,6 +478,8 @@ def evaluate_understanding(
                 sample["truth"] = _jsonable(item.truth)
                 sample.update(attributes.add(parsed, item.truth))
                 per_modality.setdefault(item.truth[0], AttributeAccuracy()).add(parsed, item.truth)
+            if vqa_reports is not None:
+                sample["vqa_report"] = vqa_reports[i]
             samples.append(sample | {"vqa": qa})
             truths.append(item.truth)
         if zero_shot:
@@ -481,6 +502,7 @@ def evaluate_understanding(
     settings = _settings(model, items, cfg, device) | {
         "max_new_tokens": cfg.max_new_tokens,
         "vqa_max_new_tokens": cfg.vqa_max_new_tokens,
+        "report_first": cfg.report_first,
         "max_questions": cfg.max_questions,
         "temperature": cfg.temperature,
     }

@@ -12,6 +12,8 @@ small state machine, vectorised over the batch:
 Classifier-free guidance doubles the batch: the second half holds the unconditional prompt
 ``<bos><boi>`` (plus the rows of an image the prompt already started) and is fed the same sampled
 positions; at every sub-code step the depth logits become ``u + s * (c - u)`` inside ``cfg_interval``.
+A negative prompt per item (``negative_prompts``) replaces ``<bos><boi>``: guidance then pushes away from
+it, e.g. from the modality-only prompt, so that it amplifies what the full prompt adds (the findings).
 
 Each decode position is two tensor-only functions, the backbone step (:meth:`DecoderLM.decode_step` over the
 static cache) and the K depth-head steps with sampling (:func:`_image_position`, its random draws made
@@ -290,12 +292,24 @@ def _scan_prompt(vocab: Vocab, prompt: torch.Tensor, index: int) -> tuple[torch.
     return torch.tensor(positions, dtype=torch.long), open_rows
 
 
-def unconditional_prompt(vocab: Vocab, prompt: torch.Tensor) -> torch.Tensor:
-    """The guidance partner of a prompt that ends inside an image: ``<bos><boi>`` + the image rows it has."""
+def unconditional_prompt(
+    vocab: Vocab, prompt: torch.Tensor, negative: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The guidance partner of a prompt that ends inside an image: ``<bos><boi>`` + the image rows it has.
+
+    ``negative``: (T, K) text rows (``<bos>`` + a negative prompt, outside any image) used instead of
+    ``<bos>``; ``<boi>`` and the open image's rows follow it.
+    """
     _, open_rows = _scan_prompt(vocab, prompt, 0)
     if open_rows is None:
         raise InputError("classifier-free guidance needs a prompt that ends inside an image (<boi> ...)")
-    head = vocab.text_rows([vocab.bos, vocab.boi]).to(prompt.device)
+    if negative is None:
+        head = vocab.text_rows([vocab.bos, vocab.boi]).to(prompt.device)
+    else:
+        _, negative_open = _scan_prompt(vocab, negative, 0)
+        if negative_open is not None or bool(vocab.is_image(negative[:, 0]).any()):
+            raise InputError("negative prompt: expected text rows only (no image, not ending in <boi>)")
+        head = torch.cat([negative.to(prompt.device).long(), vocab.text_rows([vocab.boi]).to(prompt.device)])
     return torch.cat([head, prompt[prompt.shape[0] - open_rows :].long()])
 
 
@@ -408,7 +422,7 @@ def _text_bias(vocab: Vocab, device) -> tuple[torch.Tensor, torch.Tensor]:
     return bias, no_boi
 
 
-def _prepare(vocab: Vocab, prompts, max_new: int, force_image: bool, guided: bool, device):
+def _prepare(vocab: Vocab, prompts, max_new: int, force_image: bool, guided: bool, device, negatives=None):
     """Checked, left-padded batch (doubled when guided), open-image counts and forced prefixes per prompt."""
     if not prompts:
         raise InputError("prompts: expected at least one prompt")
@@ -433,9 +447,14 @@ def _prepare(vocab: Vocab, prompts, max_new: int, force_image: bool, guided: boo
             raise InputError(
                 "classifier-free guidance needs every prompt to end inside an image (<boi> ...) or force_image=True"
             )
-        for n in open_rows:
-            positions.append(torch.cat([torch.full((2,), -1), torch.arange(n)]).to(device))
-        rows = rows + [unconditional_prompt(vocab, r) for r in rows]
+        negatives = [None] * len(rows) if negatives is None else list(negatives)
+        if len(negatives) != len(rows):
+            raise InputError(f"negative_prompts: {len(negatives)} for {len(rows)} prompts")
+        partners = [unconditional_prompt(vocab, r, neg) for r, neg in zip(rows, negatives, strict=True)]
+        for n, partner in zip(open_rows, partners, strict=True):
+            head = partner.shape[0] - n
+            positions.append(torch.cat([torch.full((head,), -1), torch.arange(n)]).to(device))
+        rows = rows + partners
     return _left_pad(vocab, rows, positions, device), open_rows, forced
 
 
@@ -451,6 +470,7 @@ def generate_tokens(
     force_image: bool = False,
     use_cache: bool = True,
     compile: bool = False,
+    negative_prompts: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Continue each prompt under the modality constraints (see the module docstring).
 
@@ -467,6 +487,8 @@ def generate_tokens(
         compile: run the per-position backbone step and the K depth-head steps through ``torch.compile``
             (static shapes, no graph breaks). The first call per batch shape and setting compiles (tens of
             seconds on a CPU); later ones are faster (docs/BENCHMARKS.md). Native backbone only.
+        negative_prompts: with guidance, one (T, K) text prompt per item (``<bos>`` + text) whose
+            continuation guidance pushes away from, instead of the unconditional ``<bos>``.
 
     Returns:
         Per prompt the rows (T_out, K) appended after it (a forced ``<boi>`` included), up to and
@@ -474,18 +496,20 @@ def generate_tokens(
     """
     guided = sampling.cfg_scale != 1.0
     stops = [*([model.vocab.eos] if stop_at_eos else []), *stop_ids]
-    return _generate(model, prompts, sampling, seed, stops, force_image, guided, use_cache, compile)
+    return _generate(
+        model, prompts, sampling, seed, stops, force_image, guided, use_cache, compile, negative_prompts
+    )
 
 
 def _generate(
-    model, prompts, sampling, seed, stops, force_image, guided, use_cache, compile
+    model, prompts, sampling, seed, stops, force_image, guided, use_cache, compile, negatives=None
 ) -> list[torch.Tensor]:
     vocab: Vocab = model.vocab
     device = next(model.parameters()).device
     stops = torch.tensor(stops, dtype=torch.long, device=device)
     hw, k, max_new = vocab.image_length, vocab.num_codebooks, sampling.max_new_tokens
     (tokens, image_pos, mask), open_rows, forced = _prepare(
-        vocab, prompts, max_new, force_image, guided, device
+        vocab, prompts, max_new, force_image, guided, device, negatives
     )
     b = len(prompts)
     in_image = torch.tensor([n is not None for n in open_rows], device=device)
@@ -548,17 +572,29 @@ def _generate(
 
 @torch.no_grad()
 def generate_image_codes(
-    model: DecoderLM, prompts: list[torch.Tensor], sampling: SamplingConfig, seed: int, compile: bool = False
+    model: DecoderLM,
+    prompts: list[torch.Tensor],
+    sampling: SamplingConfig,
+    seed: int,
+    compile: bool = False,
+    negative_prompts: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One image per prompt (an image is started right after the prompt); returns codes (B, K, h, w).
 
-    ``compile``: as in :func:`generate_tokens`.
+    ``compile``, ``negative_prompts``: as in :func:`generate_tokens`.
     """
     vocab = model.vocab
     hw = vocab.image_length
     sampling = replace(sampling, max_new_tokens=hw + 1)
     outs = generate_tokens(
-        model, prompts, sampling, seed=seed, stop_at_eos=False, force_image=True, compile=compile
+        model,
+        prompts,
+        sampling,
+        seed=seed,
+        stop_at_eos=False,
+        force_image=True,
+        compile=compile,
+        negative_prompts=negative_prompts,
     )
     images = []
     for prompt, new in zip(prompts, outs, strict=True):

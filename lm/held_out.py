@@ -72,6 +72,9 @@ class GenerationEvalConfig(HeldOutConfig):
     """Image nucleus mass (1 = off)."""
     prompt_modality: bool = True
     """Fill the template's {modality} with the item's modality (as training does); False: "medical"."""
+    cfg_against: str = "unconditional"
+    """What guidance pushes away from: "unconditional" (``<bos><boi>``) or "modality" (the modality-only
+    prompt; for an LM trained with ``data.modality_dropout > 0``)."""
     features: FeatureExtractorConfig = field(default_factory=FeatureExtractorConfig)
     """FID / KID / precision-recall features; "random" by default (offline; not comparable to papers)."""
     kid_subsets: int = 100
@@ -86,6 +89,8 @@ class GenerationEvalConfig(HeldOutConfig):
             )
         if len({f"{float(s):g}" for s in self.cfg_scales}) != len(self.cfg_scales):
             raise InputError(f"cfg_scales: expected distinct values, got {self.cfg_scales}")
+        if self.cfg_against not in ("unconditional", "modality"):
+            raise InputError(f"cfg_against: expected 'unconditional' or 'modality', got {self.cfg_against!r}")
         SamplingConfig(image_temperature=self.temperature, image_top_k=self.top_k, image_top_p=self.top_p)
 
 
@@ -101,6 +106,9 @@ class UnderstandingEvalConfig(HeldOutConfig):
     """Ask every closed question of each item (phantoms: ``phantom_questions``; shards: the ``qa`` field)."""
     vqa_max_new_tokens: int = 12
     """Text budget of an answer."""
+    report_first: bool = False
+    """Describe-then-answer VQA: the LM writes a one-line report of the image, then answers after it (for an
+    LM trained with ``data.vqa_report_first > 0``); False asks each question right after the image."""
     max_questions: int | None = None
     """At most this many questions per image (None: all)."""
     temperature: float = 0.0

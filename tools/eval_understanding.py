@@ -102,7 +102,14 @@ def _notes(data: dict) -> list[str]:
         "on every attribute; finding F1 is micro-averaged over findings; region / size / intensity: of the true "
         "findings, those whose region the report names, with the right size, with the right intensity; "
         "attribute mean: the mean of the modality, count, region, size and intensity rates.",
-        "- VQA: `answer_matches` (synonyms, case and punctuation ignored); an off-vocabulary answer is wrong.",
+        "- VQA: `answer_matches` (synonyms, case and punctuation ignored); an off-vocabulary answer is wrong. "
+        + (
+            "Describe-then-answer: the LM first writes a one-line report of the image (greedy, "
+            '"Describe the image, then answer the questions."), and each question follows that report '
+            "(`vqa_report` in reports.jsonl)."
+            if s.get("report_first")
+            else "Each question right after the image."
+        ),
         f"- Zero-shot: {zero_shot}.",
     ]
 

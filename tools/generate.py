@@ -2,11 +2,14 @@
 
     uv run python -m tools.generate --model outputs/lm/model --prompt "Chest CT with one small nodule" \\
         --num 4 --cfg-scale 3 --seed 0 --out generated/
-    uv run python -m tools.generate --model outputs/lm/model --describe scan.png [--question "How many?"]
+    uv run python -m tools.generate --model outputs/lm/model --describe scan.png [--question "How many?"] \\
+        [--report-first]
 
 Image mode writes ``<out>/p{prompt:02d}_{n:02d}.png`` (grayscale for one channel, RGB for three) and
 ``<out>/prompts.json`` (the model, every setting and, per PNG, its prompt and seed). Describe mode prints
-the report (or the answer) on stdout. ``--modality`` fills the prompt template's modality in image mode and
+the report (or the answer) on stdout; with ``--report-first`` the model writes a one-line report before it
+answers (for an LM trained with ``data.vqa_report_first``). ``--cfg-against modality`` guides away from the
+modality-only prompt instead of the unconditional one (for an LM trained with ``data.modality_dropout``). ``--modality`` fills the prompt template's modality in image mode and
 chooses the intensity rule of the input in describe mode.
 """
 
@@ -41,6 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="output directory for PNGs and prompts.json (image mode)")
     parser.add_argument("--num", type=int, default=4, help="images per prompt")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale; 1 disables it")
+    parser.add_argument(
+        "--cfg-against",
+        choices=("unconditional", "modality"),
+        default="unconditional",
+        help="what guidance pushes away from: <bos><boi>, or the prompt with only the modality",
+    )
     parser.add_argument("--temperature", type=float, default=None, help="default 0.7 (images) / 0 (text)")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -48,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modality", help="e.g. ct, mr, xray (see the module docstring)")
     parser.add_argument("--question", help="describe mode: a question instead of the report instruction")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="describe mode: text budget")
+    parser.add_argument(
+        "--report-first", action="store_true", help="describe mode: write a report, then answer the question"
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument(
         "--compile",
@@ -75,6 +87,7 @@ def write_images(model, args: argparse.Namespace) -> Path:
         images, _ = generate_image(
             model, [prompt] * args.num, cfg_scale=args.cfg_scale, temperature=temperature,
             top_k=args.top_k, top_p=args.top_p, seed=seed, modality=args.modality, compile=args.compile,
+            cfg_against=args.cfg_against,
         )  # fmt: skip
         for n, image in enumerate(images):
             name = f"p{p:02d}_{n:02d}.png"
@@ -83,6 +96,7 @@ def write_images(model, args: argparse.Namespace) -> Path:
     settings = {
         "model": str(args.model),
         "cfg_scale": args.cfg_scale,
+        "cfg_against": args.cfg_against,
         "temperature": temperature,
         "top_k": args.top_k,
         "top_p": args.top_p,
@@ -105,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             text = describe_image(
                 model, Path(args.describe), args.question, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                modality=args.modality,
+                modality=args.modality, report_first=args.report_first,
             )  # fmt: skip
             print(text)
             return 0

@@ -8,12 +8,13 @@ from safetensors.torch import load_file, save_file
 import lm
 from lm.api import (
     default_text_tokenizer,
+    guidance_partners,
     image_to_text_prompt_tokens,
     phantom_text_corpus,
     split_segments,
     text_to_image_prompt_tokens,
 )
-from lm.data import IMAGE_TO_TEXT_INSTRUCTIONS, text_to_image_prompt
+from lm.data import IMAGE_TO_TEXT_INSTRUCTIONS, REPORT_FIRST_INSTRUCTION, text_to_image_prompt
 from lm.generate import SamplingConfig
 from lm.text_tokenizer import TextTokenizer
 from tokenizer.api import create_tokenizer, tokenize_image
@@ -104,6 +105,59 @@ def test_an_answer_ends_at_its_line_and_a_report_does_not(model, monkeypatch):
     codes = tokenize_image(make_phantom(7, size=32).image, model.image_tokenizer)
     answer, report = lm.describe_image(model, [codes, codes], ["Is there a lesion?", None])
     assert answer == "yes" and report == "yes\nIs it large?\nno"
+
+
+def test_describe_then_answer_writes_each_report_once(model, monkeypatch):
+    vocab, encode = model.vocab, model.text_tokenizer.encode
+    hw, seen = vocab.image_length, []
+
+    def fake(lm_, prompts, *a, **k):  # a report for the report prompt, "yes" after a question
+        seen.append(prompts)
+        asked = [p[hw + 3 :, 0].tolist() != encode(f"{REPORT_FIRST_INSTRUCTION}\n") for p in prompts]
+        said = ["yes\nmore" if a else "Two small lesions.\nIs it?" for a in asked]
+        return [vocab.text_rows(encode(t)) for t in said]
+
+    monkeypatch.setattr(lm.api, "generate_tokens", fake)
+    one, two = (tokenize_image(make_phantom(s, size=32).image, model.image_tokenizer) for s in (1, 2))
+    answers = lm.describe_image(model, [one, two, one], ["Large?", "Bright?", None], report_first=True)
+    assert answers == ["yes", "yes", "Two small lesions."]
+    assert [len(p) for p in seen] == [2, 2]  # two distinct images: two reports, then two questions
+    expected = image_to_text_prompt_tokens(model, two, "Bright?", report="Two small lesions.")
+    assert torch.equal(seen[1][1], expected)
+    tail = expected[hw + 3 :, 0].tolist()
+    assert tail == encode(f"{REPORT_FIRST_INSTRUCTION}\n") + encode("Two small lesions.\n") + encode(
+        "Bright?\n"
+    )
+    given = lm.describe_image(model, one, "Large?", report="One lesion.")
+    assert given == "yes" and len(seen) == 3  # a given report is not written again
+    with pytest.raises(InputError, match="report"):
+        lm.describe_image(model, [one, two], ["a?", "b?"], report=["only one"])
+
+
+def test_guidance_against_the_modality_prompt(model, monkeypatch):
+    vocab = model.vocab
+    partners = guidance_partners(model, 2, "modality", ["ct", None])
+    encode = model.text_tokenizer.encode
+    assert partners[0][:, 0].tolist() == [vocab.bos, *encode("Generate a ct image:")]
+    assert partners[1][:, 0].tolist() == [vocab.bos, *encode("Generate a medical image:")]
+    assert guidance_partners(model, 2, "unconditional") is None
+    with pytest.raises(InputError, match="cfg_against"):
+        guidance_partners(model, 1, "negative")
+    captured = []
+    real = lm.api.generate_image_codes
+
+    def spy(lm_, rows, sampling, seed, **kwargs):
+        captured.append(kwargs["negative_prompts"])
+        return real(lm_, rows, sampling, seed, **kwargs)
+
+    monkeypatch.setattr(lm.api, "generate_image_codes", spy)
+    codes = lm.generate_image(
+        model, ["one small bright nodule"], seed=3, modality="ct", cfg_against="modality"
+    )[1]
+    assert codes.shape == (1, vocab.num_codebooks, *vocab.grid)
+    assert torch.equal(captured[0][0], partners[0])
+    lm.generate_image(model, "one small bright nodule", seed=3)
+    assert captured[1] is None  # <bos><boi> by default
 
 
 def test_generate_interleaved_and_split_segments(model):

@@ -8,11 +8,13 @@ import torch
 
 from lm.data import (
     IMAGE_TO_TEXT_INSTRUCTIONS,
+    REPORT_FIRST_INSTRUCTION,
     EpochDataLoader,
     LMDataConfig,
     LMDataset,
     ShardResolver,
     caption_record,
+    modality_prompt,
     text_corpus,
     text_to_image_prompt,
     vqa_record,
@@ -144,6 +146,55 @@ def test_condition_dropout_gives_the_unconditional_prompt(env):
         first = r["segments"][0]
         kinds["image_first" if "image" in first else ("uncond" if first["text"] == "" else "cond")] += 1
     assert 900 < kinds["image_first"] < 1100 and 60 < kinds["uncond"] < 140  # 50% and 5%
+
+
+def test_modality_dropout_keeps_only_the_modality(env):
+    row = env["shard"].row(3)
+    record = caption_record(
+        row, "x:3", np.random.default_rng(0), image_first=0.0, cond_dropout=0.0, modality_dropout=1.0
+    )
+    prompt = record["segments"][0]["text"]
+    assert prompt in {modality_prompt("MR", t) for t in range(4)} and row["caption"] not in prompt
+    assert modality_prompt("ct") == "Generate a ct image:" and record["loss_on"] == [1]
+    rng, kinds = np.random.default_rng(1), Counter()
+    for _ in range(2000):
+        r = caption_record(row, "x:3", rng, image_first=0.0, cond_dropout=0.1, modality_dropout=0.2)
+        text = r["segments"][0]["text"]
+        kinds["uncond" if text == "" else ("cond" if row["caption"] in text else "modality")] += 1
+    assert 110 < kinds["uncond"] < 290 and 270 < kinds["modality"] < 450  # 10% and 90% x 20%
+    # off: the same draws as before the option existed
+    a = caption_record(row, "x:3", np.random.default_rng(5), image_first=0.5, cond_dropout=0.1)
+    b = caption_record(
+        row, "x:3", np.random.default_rng(5), image_first=0.5, cond_dropout=0.1, modality_dropout=0.0
+    )
+    assert a == b
+
+
+def test_report_first_vqa_record_trains_the_report_then_the_answers(env):
+    qa, caption = env["shard"].row(0)["qa"], "A small lesion\nin the left lobe."
+    record = vqa_record(qa, "phantoms:0", np.random.default_rng(0), report=caption)
+    texts = [seg["text"] for seg in record["segments"][1:]]
+    assert texts[:2] == [f"{REPORT_FIRST_INSTRUCTION}\n", "A small lesion in the left lobe.\n"]
+    assert record["loss_on"] == [2, 4, 6]
+    seq = _build(env, record)
+    tok, vocab = env["tok"], env["vocab"]
+    said = tok.decode([t for t in _targets(seq)[:, 0].tolist() if t < vocab.num_text])
+    assert said == "A small lesion in the left lobe.\n" + texts[3] + texts[5]
+    with pytest.raises(RecordRejected, match="empty report"):
+        vqa_record(qa, "phantoms:0", report=" ")
+    ds = _dataset(env, mix={"caption": 0.0, "vqa": 1.0, "records": 0.0}, vqa_report_first=0.5)
+    firsts = Counter()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        plan = ds.plan()
+        for position in range(len(plan)):
+            try:
+                record, _ = ds.record(plan[position], np.random.default_rng([0, epoch, position]))
+            except RecordRejected:
+                continue
+            firsts[record["segments"][1]["text"] == f"{REPORT_FIRST_INSTRUCTION}\n"] += 1
+    assert firsts[True] > 3 and firsts[False] > 3  # both layouts, about half each
+    assert REPORT_FIRST_INSTRUCTION in text_corpus(env["shard"])
 
 
 def test_vqa_loss_on_answer_only(env):

@@ -220,6 +220,26 @@ def test_guidance_uses_the_unconditional_prompt(model, monkeypatch):
     assert all(step[0].shape[:2] == (6, 1) for step in seen[1:])  # every decode step runs the doubled batch
 
 
+def test_guidance_against_negative_prompts(model, monkeypatch):
+    negative = VOCAB.text_rows([VOCAB.bos, 11, 12])
+    started = prompts()[1]
+    partner = unconditional_prompt(VOCAB, started, negative)
+    assert torch.equal(partner, torch.cat([negative, VOCAB.text_rows([VOCAB.boi]), started[-1:]]))
+    with pytest.raises(InputError, match="negative prompt"):
+        unconditional_prompt(VOCAB, started, VOCAB.text_rows([VOCAB.bos, VOCAB.boi]))
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: seen.append(a) or forward(*a, **kw))
+    sampling = SamplingConfig(**GREEDY, cfg_scale=8.0)
+    guided = generate_image_codes(model, prompts(), sampling, seed=0, negative_prompts=[negative] * 3)
+    tokens, image_pos, _ = seen[0]
+    n = partner.shape[0]
+    assert torch.equal(tokens[4, -n:], partner) and image_pos[4, -n:].tolist() == [-1, -1, -1, -1, 0]
+    assert not torch.equal(guided, generate_image_codes(model, prompts(), sampling, seed=0))
+    with pytest.raises(InputError, match="negative_prompts: 1 for 3"):
+        generate_image_codes(model, prompts(), sampling, seed=0, negative_prompts=[negative])
+
+
 def test_guidance_scale_one_equals_no_guidance_and_scale_matters(model):
     for kwargs in (GREEDY, {}):
         sampling = SamplingConfig(**kwargs, max_new_tokens=2 * HW + 3)
