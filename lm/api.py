@@ -37,7 +37,6 @@ from lm.data import (
     IMAGE_TO_TEXT_INSTRUCTIONS,
     REPORT_FIRST_INSTRUCTION,
     TEXT_TO_IMAGE_TEMPLATES,
-    modality_prompt,
     one_line,
     text_to_image_prompt,
 )
@@ -403,10 +402,10 @@ def generate_image(
     seed: int = 0,
     modality: str | None = None,
     cfg_interval: tuple[float, float] = (0.0, 1.0),
-    cfg_against: str = "unconditional",
+    negative_prompt: str | Sequence[str] | None = None,
     compile: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image per prompt, with classifier-free guidance against ``<bos><boi>`` or the modality-only prompt.
+    """One image per prompt, with classifier-free guidance against ``<bos><boi>`` (or a negative prompt).
 
     Args:
         model: the unified model.
@@ -419,9 +418,8 @@ def generate_image(
         modality: the ``{modality}`` of the training prompt template (the shard index's modality,
             e.g. "ct"); None = "medical", as for training rows without one.
         cfg_interval: guidance applies to image positions p with start <= p / (h*w) < end.
-        cfg_against: what guidance pushes away from: ``"unconditional"`` (``<bos><boi>``) or ``"modality"``
-            (``modality_prompt(modality)``, e.g. "Generate a ct image:"; for a model trained with
-            ``data.modality_dropout > 0``), which amplifies the described findings and keeps the modality.
+        negative_prompt: a description guidance pushes away from instead of ``<bos><boi>`` (one for all
+            prompts, or one per prompt), laid out like the prompts (same template and ``modality``).
         compile: decode through ``torch.compile`` (worth it for many images: the first call per batch
             size compiles for about a minute on a CPU; see :func:`lm.generate.generate_tokens`).
 
@@ -432,7 +430,14 @@ def generate_image(
     if not prompts:
         raise InputError("prompt: expected a str or a non-empty list of str")
     rows = [text_to_image_prompt_tokens(model, p, modality) for p in prompts]
-    negatives = guidance_partners(model, len(rows), cfg_against, modality)
+    negatives = None
+    if negative_prompt is not None:
+        negative = (
+            [negative_prompt] * len(rows) if isinstance(negative_prompt, str) else list(negative_prompt)
+        )
+        if len(negative) != len(rows):
+            raise InputError(f"negative_prompt: {len(negative)} for {len(rows)} prompts")
+        negatives = [text_to_image_prompt_tokens(model, n, modality) for n in negative]
     sampling = SamplingConfig(
         image_temperature=temperature,
         image_top_k=top_k,
@@ -442,27 +447,6 @@ def generate_image(
     )
     codes = generate_image_codes(model.lm, rows, sampling, seed, compile=compile, negative_prompts=negatives)
     return detokenize(codes.cpu(), model.image_tokenizer), codes.cpu()
-
-
-CFG_AGAINST = ("unconditional", "modality")
-"""What classifier-free guidance may push away from (``generate_image``'s ``cfg_against``)."""
-
-
-def guidance_partners(
-    model: UnifiedModel, n: int, cfg_against: str, modality: str | list[str | None] | None = None
-) -> list[torch.Tensor] | None:
-    """The negative prompts (T, K) of ``n`` text→image prompts for ``cfg_against``; None = ``<bos><boi>``.
-
-    ``modality``: one for all prompts or one per prompt (None = "medical", as in the prompt template).
-    """
-    if cfg_against not in CFG_AGAINST:
-        raise InputError(f"cfg_against: expected one of {CFG_AGAINST}, got {cfg_against!r}")
-    if cfg_against == "unconditional":
-        return None
-    modalities = list(modality) if isinstance(modality, list | tuple) else [modality] * n
-    if len(modalities) != n:
-        raise InputError(f"modality: {len(modalities)} modalities for {n} prompts")
-    return [_prompt(model, [{"text": modality_prompt(m)}], []) for m in modalities]
 
 
 @torch.no_grad()
@@ -526,24 +510,25 @@ def describe_image(
     else:
         asked = [i for i, q in enumerate(questions) if q is not None]
         prompts = [image_to_text_prompt_tokens(model, codes[i], questions[i], reports[i]) for i in asked]
-    texts = _complete(model, prompts, questions if reports is None else [""] * len(prompts), sampling, seed)
+    lines = [q is not None for q in questions] if reports is None else [True] * len(prompts)
+    texts = _complete(model, prompts, lines, sampling, seed)
     if reports is not None:
         answers = iter(texts)
         texts = [reports[i] if q is None else next(answers) for i, q in enumerate(questions)]
     return texts[0] if single else texts
 
 
-def _complete(model, prompts, questions, sampling: SamplingConfig, seed: int) -> list[str]:
-    """Text continuations; an item with a question (not None) is an answer that ends at its line."""
+def _complete(model, prompts, one_line: list[bool], sampling: SamplingConfig, seed: int) -> list[str]:
+    """Text continuations of the prompts; those marked ``one_line`` (answers) end at their first line."""
     if not prompts:
         return []
     # an answer ends at its line (as trained), a report at <eos>; a batch of only answers stops there
-    stop_ids = model.text_tokenizer.line_break_ids if None not in questions else ()
+    stop_ids = model.text_tokenizer.line_break_ids if all(one_line) else ()
     outs = generate_tokens(model.lm, prompts, sampling, seed=seed, stop_ids=stop_ids)
     texts = []
-    for rows, q in zip(outs, questions, strict=True):
+    for rows, line in zip(outs, one_line, strict=True):
         text = " ".join(p for p in split_segments(model, rows) if isinstance(p, str)).strip()
-        texts.append(text if q is None else text.split("\n", 1)[0].strip())
+        texts.append(text.split("\n", 1)[0].strip() if line else text)
     return texts
 
 
@@ -552,7 +537,7 @@ def _one_line_reports(model, codes: list[torch.Tensor], sampling: SamplingConfig
     keys = [c.numpy().tobytes() for c in codes]
     first = {k: i for i, k in reversed(list(enumerate(keys)))}  # distinct image -> its first index
     prompts = [image_to_text_prompt_tokens(model, codes[i], report="") for i in first.values()]
-    written = dict(zip(first, _complete(model, prompts, [""] * len(prompts), sampling, seed), strict=True))
+    written = dict(zip(first, _complete(model, prompts, [True] * len(prompts), sampling, seed), strict=True))
     return [written[k] for k in keys]
 
 

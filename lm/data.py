@@ -6,8 +6,7 @@ Tasks (mixed per epoch by ``LMDataConfig.mix``):
   :data:`IMAGE_TO_TEXT_INSTRUCTIONS`, loss on the caption) with probability ``image_first``, otherwise as
   text→image (a prompt from :data:`TEXT_TO_IMAGE_TEMPLATES`, loss on the image span). With probability
   ``cond_dropout`` a text→image record loses its prompt, giving the unconditional ``<bos><boi>`` + image that
-  classifier-free guidance uses; with probability ``modality_dropout`` it keeps only the template with the
-  modality (``"Generate a ct image:"``), the partner of modality-keeping guidance (``cfg_against="modality"``).
+  classifier-free guidance uses.
 * ``vqa``: a row's ``"qa"`` list (``{"question", "answer"}`` entries) as image→text records of
   ``vqa_turns`` question/answer turns each (all of them by default), in random order, loss on every answer:
   one pass over the image teaches every answer, as in LLaVA's multi-turn instruction data. With probability
@@ -88,25 +87,13 @@ def text_to_image_prompt(caption: str, modality: str | None = None, template: in
     return TEXT_TO_IMAGE_TEMPLATES[template].format(modality=modality or DEFAULT_MODALITY, caption=caption)
 
 
-def modality_prompt(modality: str | None = None, template: int = 0) -> str:
-    """The template with its modality and no description (``"Generate a ct image:"``): a text→image prompt that
-    says only what kind of image to draw, the guidance partner of ``cfg_against="modality"``."""
-    return TEXT_TO_IMAGE_TEMPLATES[template].format(modality=modality or DEFAULT_MODALITY, caption="").strip()
-
-
 def text_to_image_record(prompt: str, image_ref: str) -> dict:
     """``<bos> prompt <boi> image <eoi> <eos>`` with loss on the image span; ``prompt=""`` is unconditional."""
     return {"segments": [{"text": prompt}, {"image": image_ref}], "loss_on": [1]}
 
 
 def caption_record(
-    row: dict,
-    image_ref: str,
-    rng: np.random.Generator,
-    *,
-    image_first: float,
-    cond_dropout: float,
-    modality_dropout: float = 0.0,
+    row: dict, image_ref: str, rng: np.random.Generator, *, image_first: float, cond_dropout: float
 ) -> dict:
     """One direction of an (image, caption) pair, chosen with ``rng`` (see the module docstring)."""
     caption = row.get("caption")
@@ -119,10 +106,6 @@ def caption_record(
     if rng.random() < cond_dropout:
         return text_to_image_record("", image_ref)
     template = int(rng.integers(len(TEXT_TO_IMAGE_TEMPLATES)))
-    if (
-        modality_dropout and rng.random() < modality_dropout
-    ):  # no draw when off: older plans stay as they were
-        return text_to_image_record(modality_prompt(row.get("modality"), template), image_ref)
     return text_to_image_record(text_to_image_prompt(caption, row.get("modality"), template), image_ref)
 
 
@@ -219,9 +202,6 @@ class LMDataConfig:
     """Probability that a caption pair becomes image→text rather than text→image."""
     cond_dropout: float = 0.1
     """Probability that a text→image record loses its prompt (unconditional, for guidance)."""
-    modality_dropout: float = 0.0
-    """Probability that a (not dropped) text→image record keeps only the modality (``modality_prompt``): the
-    partner of guidance that keeps the modality (``generate_image(..., cfg_against="modality")``)."""
     vqa_turns: int = 0
     """Question/answer turns per ``vqa`` record; 0 = all of an image's pairs in one record, 1 = one pair each."""
     vqa_report_first: float = 0.0
@@ -255,13 +235,7 @@ class LMDataConfig:
             raise ValueError(
                 f"mix must map tasks {TASKS} to weights >= 0 with a positive sum, got {dict(self.mix)}"
             )
-        for name in (
-            "image_first",
-            "cond_dropout",
-            "modality_dropout",
-            "vqa_report_first",
-            "max_bad_fraction",
-        ):
+        for name in ("image_first", "cond_dropout", "vqa_report_first", "max_bad_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.vqa_turns < 0:
@@ -403,15 +377,7 @@ class LMDataset(IterableDataset):
                 cfg.vqa_report_first > 0 and isinstance(caption, str) and caption.strip()
             ) and rng.random() < cfg.vqa_report_first
             return vqa_record(entries, ref, rng, caption if report_first else None), f"{ref} qa {sub}"
-        record = caption_record(
-            row,
-            ref,
-            rng,
-            image_first=cfg.image_first,
-            cond_dropout=cfg.cond_dropout,
-            modality_dropout=cfg.modality_dropout,
-        )
-        return record, ref
+        return caption_record(row, ref, rng, image_first=cfg.image_first, cond_dropout=cfg.cond_dropout), ref
 
     def sequence(self, plan: np.ndarray, position: int) -> Sequence:
         """Build the sequence of ``plan[position]``; raises RecordRejected."""
@@ -607,7 +573,6 @@ __all__ = [
     "build_vocab",
     "caption_record",
     "image_to_text_record",
-    "modality_prompt",
     "one_line",
     "text_corpus",
     "text_to_image_prompt",

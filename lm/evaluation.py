@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lm.api import UnifiedModel, describe_image, guidance_partners, text_to_image_prompt_tokens
+from lm.api import UnifiedModel, describe_image, text_to_image_prompt_tokens
 from lm.generate import SamplingConfig, generate_image_codes
 from lm.held_out import (
     GenerationEvalConfig,
@@ -284,13 +284,12 @@ def evaluate_generation(
         keep = max(0, cfg.num_grid - len(grid["captions"]))
         grid["captions"] += [it.caption for it in batch[:keep]]
         grid["real"].append(real[:keep].cpu())
-        modalities = [it.modality if cfg.prompt_modality else None for it in batch]
         rows = [
-            text_to_image_prompt_tokens(model, it.caption, m) for it, m in zip(batch, modalities, strict=True)
+            text_to_image_prompt_tokens(model, it.caption, it.modality if cfg.prompt_modality else None)
+            for it in batch
         ]
-        negatives = guidance_partners(model, len(batch), cfg.cfg_against, modalities)
         for run in runs:
-            images = run.generate(model, rows, cfg.seed + b, negatives)
+            images = run.generate(model, rows, cfg.seed + b)
             run.add(model, batch, images, feature_net, text_emb, new, keep)
             if progress is not None:
                 progress(len(batch))
@@ -303,7 +302,6 @@ def evaluate_generation(
         "fid_reliable": len(items) >= RELIABLE_FID_IMAGES,
         "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p},
         "prompt_modality": cfg.prompt_modality,
-        "cfg_against": cfg.cfg_against,
     }
     real_features = torch.cat(reference.features)
     grid = {"captions": grid["captions"], "real": torch.cat(grid["real"])}

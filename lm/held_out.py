@@ -72,9 +72,6 @@ class GenerationEvalConfig(HeldOutConfig):
     """Image nucleus mass (1 = off)."""
     prompt_modality: bool = True
     """Fill the template's {modality} with the item's modality (as training does); False: "medical"."""
-    cfg_against: str = "unconditional"
-    """What guidance pushes away from: "unconditional" (``<bos><boi>``) or "modality" (the modality-only
-    prompt; for an LM trained with ``data.modality_dropout > 0``)."""
     features: FeatureExtractorConfig = field(default_factory=FeatureExtractorConfig)
     """FID / KID / precision-recall features; "random" by default (offline; not comparable to papers)."""
     kid_subsets: int = 100
@@ -89,8 +86,6 @@ class GenerationEvalConfig(HeldOutConfig):
             )
         if len({f"{float(s):g}" for s in self.cfg_scales}) != len(self.cfg_scales):
             raise InputError(f"cfg_scales: expected distinct values, got {self.cfg_scales}")
-        if self.cfg_against not in ("unconditional", "modality"):
-            raise InputError(f"cfg_against: expected 'unconditional' or 'modality', got {self.cfg_against!r}")
         SamplingConfig(image_temperature=self.temperature, image_top_k=self.top_k, image_top_p=self.top_p)
 
 

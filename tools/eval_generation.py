@@ -84,12 +84,7 @@ def _notes(data: dict) -> list[str]:
     sampling = s["sampling"]
     return [
         f'- Prompts: {source}, laid out as in training: `<bos>` + "Generate a {{modality}} image: {{caption}}" '
-        f"({{modality}} = {template}) + `<boi>`; guidance against "
-        + (
-            "the modality-only prompt (`Generate a {modality} image:` + `<boi>`)."
-            if s.get("cfg_against") == "modality"
-            else "`<bos><boi>`."
-        ),
+        f"({{modality}} = {template}) + `<boi>`; guidance against `<bos><boi>`.",
         "- Attributes: the analytic reader (`read_phantom`) on each generated image vs the prompt's truth: "
         "modality, number of findings, exact set of findings (region, size, intensity), all exact; finding F1 "
         "is micro-averaged over findings; region / size / intensity: of the prompted findings, those the image "

@@ -8,8 +8,8 @@
 Image mode writes ``<out>/p{prompt:02d}_{n:02d}.png`` (grayscale for one channel, RGB for three) and
 ``<out>/prompts.json`` (the model, every setting and, per PNG, its prompt and seed). Describe mode prints
 the report (or the answer) on stdout; with ``--report-first`` the model writes a one-line report before it
-answers (for an LM trained with ``data.vqa_report_first``). ``--cfg-against modality`` guides away from the
-modality-only prompt instead of the unconditional one (for an LM trained with ``data.modality_dropout``). ``--modality`` fills the prompt template's modality in image mode and
+answers (for an LM trained with ``data.vqa_report_first``). ``--negative-prompt`` is a description that
+guidance pushes away from instead of the unconditional ``<bos><boi>``. ``--modality`` fills the prompt template's modality in image mode and
 chooses the intensity rule of the input in describe mode.
 """
 
@@ -45,10 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num", type=int, default=4, help="images per prompt")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale; 1 disables it")
     parser.add_argument(
-        "--cfg-against",
-        choices=("unconditional", "modality"),
-        default="unconditional",
-        help="what guidance pushes away from: <bos><boi>, or the prompt with only the modality",
+        "--negative-prompt", help="image mode: what guidance pushes away from (default: <bos><boi>)"
     )
     parser.add_argument("--temperature", type=float, default=None, help="default 0.7 (images) / 0 (text)")
     parser.add_argument("--top-k", type=int, default=0)
@@ -87,7 +84,7 @@ def write_images(model, args: argparse.Namespace) -> Path:
         images, _ = generate_image(
             model, [prompt] * args.num, cfg_scale=args.cfg_scale, temperature=temperature,
             top_k=args.top_k, top_p=args.top_p, seed=seed, modality=args.modality, compile=args.compile,
-            cfg_against=args.cfg_against,
+            negative_prompt=args.negative_prompt,
         )  # fmt: skip
         for n, image in enumerate(images):
             name = f"p{p:02d}_{n:02d}.png"
@@ -96,7 +93,7 @@ def write_images(model, args: argparse.Namespace) -> Path:
     settings = {
         "model": str(args.model),
         "cfg_scale": args.cfg_scale,
-        "cfg_against": args.cfg_against,
+        "negative_prompt": args.negative_prompt,
         "temperature": temperature,
         "top_k": args.top_k,
         "top_p": args.top_p,

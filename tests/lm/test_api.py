@@ -8,7 +8,6 @@ from safetensors.torch import load_file, save_file
 import lm
 from lm.api import (
     default_text_tokenizer,
-    guidance_partners,
     image_to_text_prompt_tokens,
     phantom_text_corpus,
     split_segments,
@@ -134,15 +133,7 @@ def test_describe_then_answer_writes_each_report_once(model, monkeypatch):
         lm.describe_image(model, [one, two], ["a?", "b?"], report=["only one"])
 
 
-def test_guidance_against_the_modality_prompt(model, monkeypatch):
-    vocab = model.vocab
-    partners = guidance_partners(model, 2, "modality", ["ct", None])
-    encode = model.text_tokenizer.encode
-    assert partners[0][:, 0].tolist() == [vocab.bos, *encode("Generate a ct image:")]
-    assert partners[1][:, 0].tolist() == [vocab.bos, *encode("Generate a medical image:")]
-    assert guidance_partners(model, 2, "unconditional") is None
-    with pytest.raises(InputError, match="cfg_against"):
-        guidance_partners(model, 1, "negative")
+def test_guidance_against_a_negative_prompt(model, monkeypatch):
     captured = []
     real = lm.api.generate_image_codes
 
@@ -151,13 +142,17 @@ def test_guidance_against_the_modality_prompt(model, monkeypatch):
         return real(lm_, rows, sampling, seed, **kwargs)
 
     monkeypatch.setattr(lm.api, "generate_image_codes", spy)
-    codes = lm.generate_image(
-        model, ["one small bright nodule"], seed=3, modality="ct", cfg_against="modality"
-    )[1]
-    assert codes.shape == (1, vocab.num_codebooks, *vocab.grid)
-    assert torch.equal(captured[0][0], partners[0])
-    lm.generate_image(model, "one small bright nodule", seed=3)
+    prompts = ["one small bright nodule", "two lesions"]
+    codes = lm.generate_image(model, prompts, seed=3, modality="ct", negative_prompt="a large dark cyst")[1]
+    assert codes.shape == (2, model.vocab.num_codebooks, *model.vocab.grid)
+    expected = text_to_image_prompt_tokens(model, "a large dark cyst", "ct")
+    assert len(captured[0]) == 2 and all(torch.equal(n, expected) for n in captured[0])
+    lm.generate_image(model, prompts[0], seed=3)
     assert captured[1] is None  # <bos><boi> by default
+    same = lm.generate_image(model, prompts[0], seed=3, negative_prompt="")[1]  # "" is <bos><boi>
+    assert torch.equal(same, lm.generate_image(model, prompts[0], seed=3)[1])
+    with pytest.raises(InputError, match="negative_prompt: 1 for 2"):
+        lm.generate_image(model, prompts, negative_prompt=["x"])
 
 
 def test_generate_interleaved_and_split_segments(model):

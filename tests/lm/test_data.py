@@ -14,7 +14,6 @@ from lm.data import (
     LMDataset,
     ShardResolver,
     caption_record,
-    modality_prompt,
     text_corpus,
     text_to_image_prompt,
     vqa_record,
@@ -146,28 +145,6 @@ def test_condition_dropout_gives_the_unconditional_prompt(env):
         first = r["segments"][0]
         kinds["image_first" if "image" in first else ("uncond" if first["text"] == "" else "cond")] += 1
     assert 900 < kinds["image_first"] < 1100 and 60 < kinds["uncond"] < 140  # 50% and 5%
-
-
-def test_modality_dropout_keeps_only_the_modality(env):
-    row = env["shard"].row(3)
-    record = caption_record(
-        row, "x:3", np.random.default_rng(0), image_first=0.0, cond_dropout=0.0, modality_dropout=1.0
-    )
-    prompt = record["segments"][0]["text"]
-    assert prompt in {modality_prompt("MR", t) for t in range(4)} and row["caption"] not in prompt
-    assert modality_prompt("ct") == "Generate a ct image:" and record["loss_on"] == [1]
-    rng, kinds = np.random.default_rng(1), Counter()
-    for _ in range(2000):
-        r = caption_record(row, "x:3", rng, image_first=0.0, cond_dropout=0.1, modality_dropout=0.2)
-        text = r["segments"][0]["text"]
-        kinds["uncond" if text == "" else ("cond" if row["caption"] in text else "modality")] += 1
-    assert 110 < kinds["uncond"] < 290 and 270 < kinds["modality"] < 450  # 10% and 90% x 20%
-    # off: the same draws as before the option existed
-    a = caption_record(row, "x:3", np.random.default_rng(5), image_first=0.5, cond_dropout=0.1)
-    b = caption_record(
-        row, "x:3", np.random.default_rng(5), image_first=0.5, cond_dropout=0.1, modality_dropout=0.0
-    )
-    assert a == b
 
 
 def test_report_first_vqa_record_trains_the_report_then_the_answers(env):
