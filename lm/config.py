@@ -46,9 +46,6 @@ class LMConfig:
     """``"sdpa"`` (torch scaled_dot_product_attention) or ``"xformers"`` (needs the optional package)."""
     grad_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (activation checkpointing)."""
-    position_every_layer: bool = False
-    """Add a learned 2D (row + column) position embedding to image positions before every backbone block,
-    not only to the input, so deep layers keep where each position lies (native backbone only)."""
     hf_backbone: str | None = None
     """Local path of a Hugging Face causal LM whose transformer replaces the native backbone (LLM-CXR style);
     ``dim`` / ``n_layers`` / heads are then taken from that model and ignored here."""
@@ -95,8 +92,6 @@ class LMConfig:
                 raise InputError(f"LMConfig.{name}: expected a positive number, got {value!r}")
         if not (math.isfinite(self.z_loss_weight) and self.z_loss_weight >= 0):
             raise InputError(f"LMConfig.z_loss_weight: expected >= 0, got {self.z_loss_weight}")
-        if self.position_every_layer and self.hf_backbone is not None:
-            raise InputError("LMConfig.position_every_layer: needs the native backbone, not hf_backbone")
         if self.hf_backbone is not None and not isinstance(self.hf_backbone, str):
             raise InputError(
                 f"LMConfig.hf_backbone: expected a path string or None, got {self.hf_backbone!r}"

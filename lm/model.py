@@ -186,33 +186,14 @@ def _init_linear_and_embedding(module: nn.Module, std: float, residual_std: floa
 
 
 # --------------------------------------------------------------------------------------------- backbones
-class LayerPositions(nn.Module):
-    """Learned 2D position embeddings of image positions, one (row + column) table for each backbone block
-    after the first (the first sees the input embedding's own table)."""
-
-    def __init__(self, config: LMConfig, grid: tuple[int, int]) -> None:
-        super().__init__()
-        self.grid_w = grid[1]
-        n = config.n_layers - 1
-        self.rows = nn.Parameter(torch.randn(n, grid[0], config.dim) * config.init_std)
-        self.cols = nn.Parameter(torch.randn(n, grid[1], config.dim) * config.init_std)
-
-    def forward(self, image_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(n_layers - 1, B, T, D) additions for image_pos (B, T) (-1 off images: zero there)."""
-        pos = image_pos.clamp(min=0)
-        add = self.rows[:, pos // self.grid_w] + self.cols[:, pos % self.grid_w]
-        return (add * (image_pos >= 0).unsqueeze(-1)).to(dtype)
-
-
 class NativeBackbone(nn.Module):
     """Llama-style stack of blocks with a final RMSNorm; works on embeddings (B, T, D)."""
 
-    def __init__(self, config: LMConfig, grid: tuple[int, int] = (1, 1)) -> None:
+    def __init__(self, config: LMConfig) -> None:
         super().__init__()
         self.config = config
         self.dim = config.dim
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.layer_position_embed = LayerPositions(config, grid) if config.position_every_layer else None
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -224,17 +205,11 @@ class NativeBackbone(nn.Module):
                 "install the 'gpu' extra or use attn_backend='sdpa'"
             )
 
-    def forward(self, x, positions, mask, is_causal, kv_cache=None, image_pos=None) -> torch.Tensor:
-        """x (B, T, D); positions (B, T) RoPE positions; mask (B, 1, T, Tk) bool or None; image_pos (B, T)
-        index in the image span (-1 elsewhere), needed with ``position_every_layer``."""
+    def forward(self, x, positions, mask, is_causal, kv_cache=None) -> torch.Tensor:
+        """x (B, T, D); positions (B, T) RoPE positions; mask (B, 1, T, Tk) bool or None."""
         rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
         use_ckpt = self.config.grad_checkpointing and self.training and torch.is_grad_enabled()
-        if self.layer_position_embed is not None and image_pos is None:
-            raise InputError("NativeBackbone: position_every_layer needs image_pos")
-        added = None if self.layer_position_embed is None else self.layer_position_embed(image_pos, x.dtype)
         for i, block in enumerate(self.blocks):
-            if added is not None and i > 0:
-                x = x + added[i - 1]
             if use_ckpt:
                 x = checkpoint(block, x, rope, mask, is_causal, kv_cache, i, use_reentrant=False)
             else:
@@ -350,7 +325,7 @@ class DecoderLM(nn.Module):
                 n_kv_heads=hf.num_attention_heads,
             )
         else:
-            self.backbone = NativeBackbone(config, vocab.grid)
+            self.backbone = NativeBackbone(config)
             depth_config = config
         dim = self.backbone.dim
         self.dim = dim
@@ -448,7 +423,7 @@ class DecoderLM(nn.Module):
                 positions, mask = kv_cache.begin(attention_mask)
             else:
                 positions, mask = self._positions_and_mask(attention_mask, b, t, tokens.device)
-            hidden = self.backbone(x, positions, mask, mask is None, kv_cache, image_pos)
+            hidden = self.backbone(x, positions, mask, mask is None, kv_cache)
         out = LMOutput(hidden=hidden)
         if labels is not None:
             self._losses(out, labels)
@@ -465,7 +440,7 @@ class DecoderLM(nn.Module):
         """
         x = self.embed(rows[:, None], image_pos[:, None])
         positions, mask = kv_cache.step_begin(valid)
-        return self.backbone(x, positions, mask, False, kv_cache, image_pos[:, None])[:, -1]
+        return self.backbone(x, positions, mask, False, kv_cache)[:, -1]
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits (..., num_non_image) over text and special ids from hidden (..., D)."""

@@ -75,18 +75,6 @@ def test_kv_cache_equals_full_recompute(model):
         assert bool(VOCAB.is_text(after).any())
 
 
-def test_position_every_layer_kv_cache_and_compiled_step_equal_full_recompute():
-    torch.manual_seed(0)
-    layered = DecoderLM(lm_config("tiny", position_every_layer=True), VOCAB).eval()
-    sampling = SamplingConfig(**GREEDY, max_new_tokens=16)
-    cached = generate_tokens(layered, prompts(), sampling, seed=0)
-    recomputed = generate_tokens(layered, prompts(), sampling, seed=0, use_cache=False)
-    assert all(torch.equal(c, r) for c, r in zip(cached, recomputed, strict=True))
-    guided = SamplingConfig(cfg_scale=2.0)
-    eager = generate_image_codes(layered, prompts(), guided, seed=1)
-    assert torch.equal(generate_image_codes(layered, prompts(), guided, seed=1, compile=True), eager)
-
-
 def test_narrow_depth_head_generates_and_trains():
     torch.manual_seed(0)
     narrow = DecoderLM(lm_config("tiny", depth_dim=16), VOCAB).eval()

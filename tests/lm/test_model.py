@@ -112,34 +112,6 @@ def test_image_embedding_is_sum_of_subcodes_plus_2d_position(model):
     torch.testing.assert_close(x[0], model.text_embed.weight[VOCAB.bos])
 
 
-def test_position_every_layer_adds_each_blocks_own_table():
-    torch.manual_seed(0)
-    plain = DecoderLM(lm_config("tiny"), VOCAB)
-    layered = DecoderLM(lm_config("tiny", position_every_layer=True), VOCAB)
-    tables = layered.backbone.layer_position_embed
-    assert tables.rows.shape == (1, 2, 32) and tables.cols.shape == (1, 3, 32)  # 2 layers: one table
-    layered.load_state_dict(plain.state_dict(), strict=False)
-    tokens, image_pos, labels = random_batch(VOCAB, b=2, t=20)
-    with torch.no_grad():
-        tables.rows.zero_(), tables.cols.zero_()
-        torch.testing.assert_close(layered(tokens, image_pos).hidden, plain(tokens, image_pos).hidden)
-        tables.cols[0, 1] = (
-            1.0  # column 1 of block 1's input: image rows there change, text rows before do not
-        )
-    hidden = layered(tokens, image_pos).hidden
-    changed = (hidden - plain(tokens, image_pos).hidden).abs().amax(-1) > 1e-4
-    first = int((image_pos[0] == 1).nonzero())
-    assert not changed[0, :first].any() and changed[0, first]
-    from tokenizer.system import param_groups
-
-    no_decay = {id(p) for p in param_groups(layered, 0.1)[1]["params"]}
-    assert id(tables.rows) in no_decay and id(tables.cols) in no_decay  # embeddings: no weight decay
-    layered(tokens, image_pos, labels=labels).total_loss().backward()
-    assert tables.rows.grad is not None and tables.rows.grad.abs().sum() > 0
-    with pytest.raises(InputError, match="position_every_layer"):
-        lm_config("tiny", position_every_layer=True, hf_backbone="x")
-
-
 def test_causal_and_padding_invariance(model):
     tokens, image_pos, _ = random_batch(VOCAB, b=2, t=20)
     full = model(tokens, image_pos).hidden
