@@ -160,13 +160,10 @@ class _ScaleRun:
         self.attributes, self.per_modality = AttributeAccuracy(), {}
         self.seconds = 0.0
 
-    def generate(
-        self, model: UnifiedModel, rows: list[torch.Tensor], seed: int, negatives=None
-    ) -> torch.Tensor:
-        """(B, C, H, W) images in [-1, 1] for the prompt rows (guided against ``negatives``), timed."""
+    def generate(self, model: UnifiedModel, rows: list[torch.Tensor], seed: int) -> torch.Tensor:
+        """(B, C, H, W) images in [-1, 1] for the prompt rows, timed."""
         started = time.perf_counter()
-        negatives = negatives if self.sampling.cfg_scale != 1.0 else None
-        codes = generate_image_codes(model.lm, rows, self.sampling, seed, negative_prompts=negatives).cpu()
+        codes = generate_image_codes(model.lm, rows, self.sampling, seed).cpu()
         images = detokenize(codes, model.image_tokenizer)
         self.seconds += time.perf_counter() - started
         return images
