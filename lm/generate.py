@@ -13,7 +13,7 @@ Classifier-free guidance doubles the batch: the second half holds the unconditio
 ``<bos><boi>`` (plus the rows of an image the prompt already started) and is fed the same sampled
 positions; at every sub-code step the depth logits become ``u + s * (c - u)`` inside ``cfg_interval``.
 A negative prompt per item (``negative_prompts``) replaces ``<bos><boi>``: guidance then pushes away from
-it, e.g. from the modality-only prompt, so that it amplifies what the full prompt adds (the findings).
+that description rather than from no description at all.
 
 Each decode position is two tensor-only functions, the backbone step (:meth:`DecoderLM.decode_step` over the
 static cache) and the K depth-head steps with sampling (:func:`_image_position`, its random draws made
