@@ -341,23 +341,32 @@ def text_to_image_prompt_tokens(
 
 
 def image_to_text_prompt_tokens(
-    model: UnifiedModel, codes: torch.Tensor, question: str | None = None, report: str | None = None
+    model: UnifiedModel, codes: torch.Tensor, question: str | None = None
 ) -> torch.Tensor:
-    """The (T, K) ids of ``<bos><boi> image <eoi> instruction\\n``: the caption instruction or a VQA question.
+    """The (T, K) ids of ``<bos><boi> image <eoi> instruction\\n``: the caption instruction or a VQA question."""
+    _check_question(question)
+    instruction = IMAGE_TO_TEXT_INSTRUCTIONS[0] if question is None else question.strip()
+    return _prompt(model, [{"image": "0"}, {"text": f"{instruction}\n"}], [codes])
 
-    With a ``report`` (describe-then-answer, as in training): ``<bos><boi> image <eoi>``
-    ``REPORT_FIRST_INSTRUCTION\\n`` + the report and ``\\n`` + the question and ``\\n``; ``report=""`` gives
-    the prompt that asks for the report.
-    """
+
+def report_first_prompt_tokens(
+    model: UnifiedModel, codes: torch.Tensor, report: str | None = None, question: str | None = None
+) -> torch.Tensor:
+    """Describe-then-answer prompts, laid out as ``data.vqa_report_first`` records are:
+    ``<bos><boi> image <eoi> REPORT_FIRST_INSTRUCTION\\n`` (asks for the report when ``report`` is None),
+    then ``report\\n`` on one line and, with a question, ``question\\n``."""
+    _check_question(question)
+    if report is None and question is not None:
+        raise InputError("report_first_prompt_tokens: a question needs the report it follows")
+    segments = [{"image": "0"}, {"text": f"{REPORT_FIRST_INSTRUCTION}\n"}]
+    segments += [] if report is None else [{"text": f"{one_line(report)}\n"}]
+    segments += [] if question is None else [{"text": f"{question.strip()}\n"}]
+    return _prompt(model, segments, [codes])
+
+
+def _check_question(question) -> None:
     if question is not None and (not isinstance(question, str) or not question.strip()):
         raise InputError(f"question: expected a non-empty str or None, got {question!r}")
-    if report is None:
-        instruction = IMAGE_TO_TEXT_INSTRUCTIONS[0] if question is None else question.strip()
-        return _prompt(model, [{"image": "0"}, {"text": f"{instruction}\n"}], [codes])
-    segments = [{"image": "0"}, {"text": f"{REPORT_FIRST_INSTRUCTION}\n"}]
-    segments += [{"text": f"{one_line(report)}\n"}] if report.strip() or question is not None else []
-    segments += [{"text": f"{question.strip()}\n"}] if question is not None else []
-    return _prompt(model, segments, [codes])
 
 
 def split_segments(model: UnifiedModel, rows: torch.Tensor) -> list[str | torch.Tensor]:
@@ -445,8 +454,10 @@ def generate_image(
         cfg_scale=cfg_scale,
         cfg_interval=cfg_interval,
     )
-    codes = generate_image_codes(model.lm, rows, sampling, seed, compile=compile, negative_prompts=negatives)
-    return detokenize(codes.cpu(), model.image_tokenizer), codes.cpu()
+    codes = generate_image_codes(
+        model.lm, rows, sampling, seed, compile=compile, negative_prompts=negatives
+    ).cpu()
+    return detokenize(codes, model.image_tokenizer), codes
 
 
 @torch.no_grad()
@@ -509,7 +520,7 @@ def describe_image(
         prompts = [image_to_text_prompt_tokens(model, c, q) for c, q in zip(codes, questions, strict=True)]
     else:
         asked = [i for i, q in enumerate(questions) if q is not None]
-        prompts = [image_to_text_prompt_tokens(model, codes[i], questions[i], reports[i]) for i in asked]
+        prompts = [report_first_prompt_tokens(model, codes[i], reports[i], questions[i]) for i in asked]
     lines = [q is not None for q in questions] if reports is None else [True] * len(prompts)
     texts = _complete(model, prompts, lines, sampling, seed)
     if reports is not None:
@@ -518,15 +529,15 @@ def describe_image(
     return texts[0] if single else texts
 
 
-def _complete(model, prompts, one_line: list[bool], sampling: SamplingConfig, seed: int) -> list[str]:
-    """Text continuations of the prompts; those marked ``one_line`` (answers) end at their first line."""
+def _complete(model, prompts, at_line: list[bool], sampling: SamplingConfig, seed: int) -> list[str]:
+    """Text continuations of the prompts; those marked ``at_line`` (answers) end at their first line."""
     if not prompts:
         return []
     # an answer ends at its line (as trained), a report at <eos>; a batch of only answers stops there
-    stop_ids = model.text_tokenizer.line_break_ids if all(one_line) else ()
+    stop_ids = model.text_tokenizer.line_break_ids if all(at_line) else ()
     outs = generate_tokens(model.lm, prompts, sampling, seed=seed, stop_ids=stop_ids)
     texts = []
-    for rows, line in zip(outs, one_line, strict=True):
+    for rows, line in zip(outs, at_line, strict=True):
         text = " ".join(p for p in split_segments(model, rows) if isinstance(p, str)).strip()
         texts.append(text.split("\n", 1)[0].strip() if line else text)
     return texts
@@ -535,8 +546,10 @@ def _complete(model, prompts, one_line: list[bool], sampling: SamplingConfig, se
 def _one_line_reports(model, codes: list[torch.Tensor], sampling: SamplingConfig, seed: int) -> list[str]:
     """The one-line report a describe-then-answer model writes of each image (once per distinct image)."""
     keys = [c.numpy().tobytes() for c in codes]
-    first = {k: i for i, k in reversed(list(enumerate(keys)))}  # distinct image -> its first index
-    prompts = [image_to_text_prompt_tokens(model, codes[i], report="") for i in first.values()]
+    first: dict[bytes, int] = {}  # distinct image -> its first index
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    prompts = [report_first_prompt_tokens(model, codes[i]) for i in first.values()]
     written = dict(zip(first, _complete(model, prompts, [True] * len(prompts), sampling, seed), strict=True))
     return [written[k] for k in keys]
 

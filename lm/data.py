@@ -373,9 +373,9 @@ class LMDataset(IterableDataset):
         if TASKS[task] == "vqa":
             entries = row["qa"][sub : sub + self._turns(row["qa"])]
             caption = row.get("caption")
-            report_first = (  # no draw when off: older plans stay as they were
-                cfg.vqa_report_first > 0 and isinstance(caption, str) and caption.strip()
-            ) and rng.random() < cfg.vqa_report_first
+            has_caption = isinstance(caption, str) and bool(caption.strip())
+            # no draw when the option is off, so the plans of older configs stay as they were
+            report_first = has_caption and cfg.vqa_report_first > 0 and rng.random() < cfg.vqa_report_first
             return vqa_record(entries, ref, rng, caption if report_first else None), f"{ref} qa {sub}"
         return caption_record(row, ref, rng, image_first=cfg.image_first, cond_dropout=cfg.cond_dropout), ref
 

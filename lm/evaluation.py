@@ -461,7 +461,8 @@ def evaluate_understanding(
             if cfg.vqa
             else ([[] for _ in batch], None)
         )
-        for i, (item, report, qa) in enumerate(zip(batch, reports, answers, strict=True)):
+        vqa_reports = vqa_reports or [None] * len(batch)
+        for item, report, qa, vqa_report in zip(batch, reports, answers, vqa_reports, strict=True):
             parsed = caption_attributes(report)
             sample = {
                 "source": item.source,
@@ -473,8 +474,8 @@ def evaluate_understanding(
                 sample["truth"] = _jsonable(item.truth)
                 sample.update(attributes.add(parsed, item.truth))
                 per_modality.setdefault(item.truth[0], AttributeAccuracy()).add(parsed, item.truth)
-            if vqa_reports is not None:
-                sample["vqa_report"] = vqa_reports[i]
+            if vqa_report is not None:
+                sample["vqa_report"] = vqa_report
             samples.append(sample | {"vqa": qa})
             truths.append(item.truth)
         if zero_shot:

@@ -10,6 +10,7 @@ from lm.api import (
     default_text_tokenizer,
     image_to_text_prompt_tokens,
     phantom_text_corpus,
+    report_first_prompt_tokens,
     split_segments,
     text_to_image_prompt_tokens,
 )
@@ -121,7 +122,7 @@ def test_describe_then_answer_writes_each_report_once(model, monkeypatch):
     answers = lm.describe_image(model, [one, two, one], ["Large?", "Bright?", None], report_first=True)
     assert answers == ["yes", "yes", "Two small lesions."]
     assert [len(p) for p in seen] == [2, 2]  # two distinct images: two reports, then two questions
-    expected = image_to_text_prompt_tokens(model, two, "Bright?", report="Two small lesions.")
+    expected = report_first_prompt_tokens(model, two, "Two small lesions.", "Bright?")
     assert torch.equal(seen[1][1], expected)
     tail = expected[hw + 3 :, 0].tolist()
     assert tail == encode(f"{REPORT_FIRST_INSTRUCTION}\n") + encode("Two small lesions.\n") + encode(
@@ -131,6 +132,8 @@ def test_describe_then_answer_writes_each_report_once(model, monkeypatch):
     assert given == "yes" and len(seen) == 3  # a given report is not written again
     with pytest.raises(InputError, match="report"):
         lm.describe_image(model, [one, two], ["a?", "b?"], report=["only one"])
+    with pytest.raises(InputError, match="needs the report"):
+        report_first_prompt_tokens(model, one, question="Large?")
 
 
 def test_guidance_against_a_negative_prompt(model, monkeypatch):
