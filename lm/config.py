@@ -34,10 +34,6 @@ class LMConfig:
     """Epsilon of every RMSNorm."""
     qk_norm: bool = True
     """RMS-normalise queries and keys per head before RoPE (stabilises attention logits)."""
-    qk_norm_gain: float = 1.0
-    """Initial weight of the query and key norms (learned afterwards). Normalised queries and keys bound a
-    logit by ``gain**2 * sqrt(head_dim)``; a gain above 1 lets attention pick out a few positions (a region
-    of an image) from the first steps instead of after the gains have grown."""
     image_rope: str = "raster"
     """RoPE positions of image positions. ``"raster"``: one per image position, like text. ``"shared"``: the
     whole image takes one (M-RoPE's layout without its 2D sections), so RoPE rotates every image key alike
@@ -95,7 +91,7 @@ class LMConfig:
             raise InputError(
                 f"LMConfig.attn_backend: expected one of {ATTN_BACKENDS}, got {self.attn_backend!r}"
             )
-        for name in ("mlp_ratio", "rope_theta", "norm_eps", "init_std", "qk_norm_gain"):
+        for name in ("mlp_ratio", "rope_theta", "norm_eps", "init_std"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise InputError(f"LMConfig.{name}: expected a positive number, got {value!r}")

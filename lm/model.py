@@ -119,9 +119,6 @@ class Attention(nn.Module):
         norm = config.qk_norm
         self.q_norm = RMSNorm(self.head_dim, eps=config.norm_eps) if norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, eps=config.norm_eps) if norm else nn.Identity()
-        if norm:
-            for qk in (self.q_norm, self.k_norm):
-                nn.init.constant_(qk.weight, config.qk_norm_gain)
         self.backend, self.dropout = config.attn_backend, config.dropout
 
     def forward(self, x, rope, mask, is_causal, kv_cache=None, layer: int = 0) -> torch.Tensor:
