@@ -12,9 +12,7 @@ Tasks (mixed per epoch by ``LMDataConfig.mix``):
   one pass over the image teaches every answer, as in LLaVA's multi-turn instruction data. With probability
   ``vqa_report_first`` the record first has the model write the row's caption as a one-line report
   (:data:`REPORT_FIRST_INSTRUCTION`), then answer: describe-then-answer, which ``describe_image(...,
-  report_first=True)`` follows at inference. With probability ``vqa_full_answers`` a turn trains on the
-  entry's ``full_answer`` (when it has one; phantoms: the region, then the answer, ``"right lower: yes"``)
-  instead of the short ``answer``.
+  report_first=True)`` follows at inference.
 * ``records``: JSONL segment / chat records (interleaved documents), images referenced as ``"<shard>:<row>"``
   where ``<shard>`` is the shard directory's name.
 
@@ -117,11 +115,7 @@ def one_line(text: str) -> str:
 
 
 def vqa_record(
-    entries: list,
-    image_ref: str,
-    rng: np.random.Generator | None = None,
-    report: str | None = None,
-    full_answers: float = 0.0,
+    entries: list, image_ref: str, rng: np.random.Generator | None = None, report: str | None = None
 ) -> dict:
     """``{"question", "answer"}`` entries of one image -> an image→text record with loss on the answers only.
 
@@ -131,18 +125,11 @@ def vqa_record(
     single-question prompt, so inference asks one question at a time.
 
     With a ``report`` the turns follow ``REPORT_FIRST_INSTRUCTION\\n report\\n`` (the report on one line,
-    trained like an answer): the model describes the image, then answers from what it wrote. Each turn
-    answers with the entry's ``full_answer`` (when present) with probability ``full_answers`` (drawn from
-    ``rng`` after the order, only when ``full_answers > 0``).
+    trained like an answer): the model describes the image, then answers from what it wrote.
     """
     for j, qa in enumerate(entries):
-        if (
-            not isinstance(qa, dict)
-            or not all(isinstance(qa.get(k), str) and qa[k].strip() for k in ("question", "answer"))
-            or not (
-                qa.get("full_answer") is None
-                or (isinstance(qa["full_answer"], str) and qa["full_answer"].strip())
-            )
+        if not isinstance(qa, dict) or not all(
+            isinstance(qa.get(k), str) and qa[k].strip() for k in ("question", "answer")
         ):
             raise RecordRejected(
                 "bad_record",
@@ -157,11 +144,8 @@ def vqa_record(
             raise RecordRejected("empty", f"{image_ref}: empty report for a describe-then-answer record")
         segments += [{"text": f"{REPORT_FIRST_INSTRUCTION}\n"}, {"text": f"{one_line(report)}\n"}]
         loss_on.append(2)
-    full = [False] * len(entries)
-    if full_answers > 0 and rng is not None:
-        full = [bool(rng.random() < full_answers) and bool(qa.get("full_answer")) for qa in entries]
     for j in order:
-        answer = entries[j]["full_answer" if full[j] else "answer"].strip()
+        answer = entries[j]["answer"].strip()
         segments.append({"text": f"{entries[j]['question'].strip()}\n"})
         segments.append({"text": answer if j == order[-1] else f"{answer}\n"})  # the last one ends in <eos>
         loss_on.append(len(segments) - 1)
@@ -178,7 +162,7 @@ def text_corpus(shard: CodeShard | str | os.PathLike) -> list[str]:
         modalities.add(row.get("modality") or DEFAULT_MODALITY)
         for qa in row.get("qa") or []:
             if isinstance(qa, dict):
-                texts += [qa[k] for k in ("question", "answer", "full_answer") if isinstance(qa.get(k), str)]
+                texts += [qa[k] for k in ("question", "answer") if isinstance(qa.get(k), str)]
     texts += [*IMAGE_TO_TEXT_INSTRUCTIONS, REPORT_FIRST_INSTRUCTION]
     texts += [t.format(modality=m, caption="") for t in TEXT_TO_IMAGE_TEMPLATES for m in sorted(modalities)]
     return texts
@@ -223,10 +207,6 @@ class LMDataConfig:
     vqa_report_first: float = 0.0
     """Probability that a ``vqa`` record of a captioned row opens with the caption as a one-line report
     (describe-then-answer, ``describe_image(..., report_first=True)``); the others ask directly."""
-    vqa_full_answers: float = 0.0
-    """Probability that a VQA turn trains on its entry's ``full_answer`` (when it has one) instead of the
-    short ``answer``. Phantom full answers restate the region the question names ("right lower: yes"):
-    the model copies the region first, so the look-up of what is there starts from its latest tokens."""
     max_len: int = 1024
     """Longest sequence in positions."""
     truncate: bool = True
@@ -255,13 +235,7 @@ class LMDataConfig:
             raise ValueError(
                 f"mix must map tasks {TASKS} to weights >= 0 with a positive sum, got {dict(self.mix)}"
             )
-        for name in (
-            "image_first",
-            "cond_dropout",
-            "vqa_report_first",
-            "vqa_full_answers",
-            "max_bad_fraction",
-        ):
+        for name in ("image_first", "cond_dropout", "vqa_report_first", "max_bad_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.vqa_turns < 0:
@@ -402,8 +376,7 @@ class LMDataset(IterableDataset):
             has_caption = isinstance(caption, str) and bool(caption.strip())
             # no draw when the option is off, so the plans of older configs stay as they were
             report_first = has_caption and cfg.vqa_report_first > 0 and rng.random() < cfg.vqa_report_first
-            report = caption if report_first else None
-            return vqa_record(entries, ref, rng, report, cfg.vqa_full_answers), f"{ref} qa {sub}"
+            return vqa_record(entries, ref, rng, caption if report_first else None), f"{ref} qa {sub}"
         return caption_record(row, ref, rng, image_first=cfg.image_first, cond_dropout=cfg.cond_dropout), ref
 
     def sequence(self, plan: np.ndarray, position: int) -> Sequence:

@@ -48,7 +48,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from tokenizer.checkpoint import CONFIG_NAME, FORMAT, FORMAT_VERSION
 from tokenizer.data.datasets import BadRowTracker, BadSample, ManifestDataset, collate_samples
-from tokenizer.data.phantom_text import grounded_answer
 from tokenizer.data.phantoms import PhantomDataset
 from tokenizer.errors import InputError
 from tokenizer.model import ImageTokenizer
@@ -81,29 +80,21 @@ def checkpoint_config(name_or_dir: str | os.PathLike, model: ImageTokenizer) -> 
 # Index records.
 
 
-def normalise_qa(qa: Any, where: str, *, drop_same: bool = False) -> list[dict[str, str]]:
-    """``[[question, answer(, full_answer)], ...]`` or ``[{"question", "answer"(, "full_answer")}, ...]`` -> dicts.
-
-    ``full_answer`` (optional) is a longer form of the answer to train on, e.g. ``"right lower: yes"``
-    (``LMDataConfig.vqa_full_answers``); ``answer`` stays the short form benchmarks score against.
-    ``drop_same`` leaves out a full answer equal to the answer.
-    """
+def normalise_qa(qa: Any, where: str) -> list[dict[str, str]]:
+    """``[[question, answer], ...]`` or ``[{"question", "answer"}, ...]`` -> list of dicts."""
     if not isinstance(qa, list):
         raise InputError(f"{where}: 'qa' must be a list of [question, answer] pairs, got {type(qa).__name__}")
     pairs = []
     for entry in qa:
         if isinstance(entry, dict):
-            question, answer, full = entry.get("question"), entry.get("answer"), entry.get("full_answer")
-        elif isinstance(entry, list | tuple) and len(entry) in (2, 3):
-            question, answer, full = (*entry, None)[:3]
+            question, answer = entry.get("question"), entry.get("answer")
+        elif isinstance(entry, list | tuple) and len(entry) == 2:
+            question, answer = entry
         else:
             raise InputError(f"{where}: a 'qa' entry must be [question, answer], got {entry!r:.80}")
         if not (isinstance(question, str) and isinstance(answer, str)):
             raise InputError(f"{where}: 'qa' questions and answers must be strings, got {entry!r:.80}")
-        if full is not None and not (isinstance(full, str) and full.strip()):
-            raise InputError(f"{where}: a 'qa' full_answer must be a non-empty string, got {entry!r:.80}")
-        keep = full is not None and not (drop_same and full == answer)
-        pairs.append({"question": question, "answer": answer, **({"full_answer": full} if keep else {})})
+        pairs.append({"question": question, "answer": answer})
     return pairs
 
 
@@ -153,11 +144,7 @@ def row_metadata(dataset: Dataset, index: int, split: str | None = None) -> dict
             "caption": phantom.caption,
             "split": split,
             "attributes": phantom.attributes(),
-            "qa": normalise_qa(
-                [[q, a, grounded_answer(q, a)] for q, a in dataset.questions(index)],
-                "phantom",
-                drop_same=True,
-            ),
+            "qa": normalise_qa([list(pair) for pair in dataset.questions(index)], "phantom"),
         }
     source = _row_source(dataset, index)
     return {"source": source, "modality": getattr(dataset, "modality", None), "caption": "", "split": split}

@@ -4,8 +4,7 @@
         [--modalities ct mr] [--split-fraction 0.1]
 
 Each manifest row: ``{"image": "images/000000.png", "caption", "modality", "split": "train" | "val",
-"attributes": {"modality", "count", "findings": [...]}, "qa": [[question, answer(, full_answer)], ...]}``
-(a full answer, ``"right lower: yes"``, where the question names a region; ``data.vqa_full_answers``).
+"attributes": {"modality", "count", "findings": [...]}, "qa": [[question, answer], ...]}``.
 Image i is ``PhantomDataset(N, seed=seed)`` item i, so the files match the in-memory dataset.
 """
 
@@ -18,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tokenizer.data.phantom_text import grounded_answer
 from tokenizer.data.phantom_vocab import MODALITIES
 from tokenizer.data.phantoms import PhantomDataset
 from tools.progress import progress_bar
@@ -79,7 +77,7 @@ def write_phantoms(args: argparse.Namespace) -> Path:
                 "modality": phantom.modality,
                 "split": "val" if i in val else "train",
                 "attributes": phantom.attributes(),
-                "qa": [[q, a] + ([g] if (g := grounded_answer(q, a)) != a else []) for q, a in qa],
+                "qa": [list(pair) for pair in qa],
             }
             rows.write(json.dumps(row) + "\n")
             advance()

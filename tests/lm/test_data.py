@@ -174,29 +174,6 @@ def test_report_first_vqa_record_trains_the_report_then_the_answers(env):
     assert REPORT_FIRST_INSTRUCTION in text_corpus(env["shard"])
 
 
-def test_full_answers_replace_the_short_ones_with_their_probability(env):
-    qa = [{"question": "Is there a lesion in the left upper region?", "answer": "yes", "full_answer": "left upper: yes"},
-          {"question": "How many?", "answer": "one"}]  # fmt: skip
-    answers = Counter()
-    for seed in range(200):
-        record = vqa_record(qa, "phantoms:0", np.random.default_rng(seed), full_answers=0.5)
-        answers.update(seg["text"].strip() for seg in record["segments"][2::2])
-    assert (
-        answers["one"] == 200
-        and 70 < answers["left upper: yes"] < 130
-        and answers["yes"] == 200 - answers["left upper: yes"]
-    )
-    assert [s["text"] for s in vqa_record(qa, "phantoms:0", np.random.default_rng(0))["segments"][2::2]] == [
-        "yes\n",
-        "one",
-    ]
-    seq = _build(env, vqa_record(qa[:1], "phantoms:0", np.random.default_rng(0), full_answers=1.0))
-    targets = _targets(seq)[:, 0].tolist()
-    assert env["tok"].decode(targets[:-1]) == "left upper: yes"
-    with pytest.raises(RecordRejected, match="qa entry 0"):
-        vqa_record([{**qa[0], "full_answer": 3}], "phantoms:0")
-
-
 def test_vqa_loss_on_answer_only(env):
     seq = _build(env, vqa_record(env["shard"].row(0)["qa"][1:], "phantoms:0"))
     targets = _targets(seq)[:, 0].tolist()

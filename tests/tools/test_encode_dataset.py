@@ -20,7 +20,7 @@ from tokenizer.api import create_tokenizer, tokenize_image
 from tokenizer.checkpoint import load_tokenizer, save_tokenizer
 from tokenizer.data.datasets import BadSample, FolderDataset, ManifestDataset
 from tokenizer.data.intensity import PreprocessConfig
-from tokenizer.data.phantom_text import grounded_answer, phantom_questions
+from tokenizer.data.phantom_text import phantom_questions
 from tokenizer.data.phantoms import PhantomDataset
 from tokenizer.encode import (
     PendingRowSampler,
@@ -81,10 +81,6 @@ def test_rank_shares_partition_the_pending_rows():
     assert isinstance(sampler, DistributedSampler)  # so Lightning keeps it instead of injecting its own
     assert list(sampler) == [7, 8, 9, 11] and len(sampler) == 4
     assert normalise_qa([["q?", "a"]], "x") == [{"question": "q?", "answer": "a"}]
-    full = {"question": "q?", "answer": "a", "full_answer": "r: a"}
-    assert normalise_qa([["q?", "a", "r: a"]], "x") == normalise_qa([full], "x") == [full]
-    with pytest.raises(InputError, match="full_answer"):
-        normalise_qa([{**full, "full_answer": ""}], "x")
     with pytest.raises(InputError, match="x: a 'qa' entry"):
         normalise_qa([["only one"]], "x")
     with pytest.raises(InputError, match="fixed row numbers"):  # e.g. data=stream
@@ -125,9 +121,7 @@ def test_phantom_shard_equals_encode_to_codes(checkpoint, tmp_path):
         assert row["source"] == f"phantom:3:{i}" and row["split"] == "val" and "bad" not in row
         assert (row["caption"], row["modality"]) == (phantom.caption, phantom.modality)
         assert row["attributes"] == phantom.attributes()
-        assert row["qa"] == normalise_qa([[q, a, grounded_answer(q, a)] for q, a in qa], "p", drop_same=True)
-        assert any("full_answer" in e for e in row["qa"])
-        assert not any(e.get("full_answer") == e["answer"] for e in row["qa"])
+        assert row["qa"] == [{"question": q, "answer": a} for q, a in qa]
 
 
 def write_manifest(root: Path) -> Path:

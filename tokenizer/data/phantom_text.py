@@ -4,9 +4,7 @@ Captions name findings the way a reader of each modality would (nodule / cyst, l
 lucency, exudate / hemorrhage, clear area / nuclear cluster; hyperdense, hyperintense, radiopaque, ...);
 ``parse_caption`` maps every such synonym back to the fixed vocabulary of
 :mod:`tokenizer.data.phantom_vocab`. ``phantom_questions`` asks closed questions about a phantom, answered
-from ``ANSWERS``; ``grounded_answer`` restates the region a question is about before its answer (the
-``full_answer`` of code shard QA entries); ``answer_matches`` scores a model's free-text answer against the
-truth.
+from ``ANSWERS``; ``answer_matches`` scores a model's free-text answer against the truth.
 """
 
 from __future__ import annotations
@@ -257,19 +255,6 @@ def answer_matches(pred: str, truth: str) -> bool:
         return False
     group = next(g for g in _ANSWER_GROUPS if expected in g)
     return canonical_answer(pred, group) == expected
-
-
-def grounded_answer(question: str, answer: str) -> str:
-    """The answer preceded by the region the question names: ``"right lower: yes"``; unchanged otherwise.
-
-    A model trained on these first copies the region from the question, then answers with that region in
-    its most recent tokens, which makes "what is at the named place" a one-step look-up (see
-    ``LMDataConfig.vqa_full_answers``). ``answer_matches`` reads the answer after the region.
-    """
-    found = [(m.start(), r) for r in REGIONS if (m := _ANSWER_PATTERNS[r].search(question.lower()))]
-    if not found or canonical_answer(answer, REGIONS) is not None:
-        return answer
-    return f"{min(found)[1]}: {answer}"
 
 
 def phantom_questions(phantom: Phantom, rng: np.random.Generator) -> list[tuple[str, str]]:
