@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from tokenizer.errors import InputError
 
 ATTN_BACKENDS: tuple[str, ...] = ("sdpa", "xformers")
-IMAGE_ROPE: tuple[str, ...] = ("raster", "shared")
 
 
 @dataclass
@@ -34,10 +33,6 @@ class LMConfig:
     """Epsilon of every RMSNorm."""
     qk_norm: bool = True
     """RMS-normalise queries and keys per head before RoPE (stabilises attention logits)."""
-    image_rope: str = "raster"
-    """RoPE positions of image positions. ``"raster"``: one per image position, like text. ``"shared"``: the
-    whole image takes one (M-RoPE's layout without its 2D sections), so RoPE rotates every image key alike
-    and only the learned 2D embedding tells the places apart, seen from text or from the image itself."""
     max_seq_len: int = 1024
     """Longest sequence (prompt + generation) the RoPE tables and caches are built for."""
     depth_layers: int = 1
@@ -97,8 +92,6 @@ class LMConfig:
                 raise InputError(f"LMConfig.{name}: expected a positive number, got {value!r}")
         if not (math.isfinite(self.z_loss_weight) and self.z_loss_weight >= 0):
             raise InputError(f"LMConfig.z_loss_weight: expected >= 0, got {self.z_loss_weight}")
-        if self.image_rope not in IMAGE_ROPE:
-            raise InputError(f"LMConfig.image_rope: expected one of {IMAGE_ROPE}, got {self.image_rope!r}")
         if self.hf_backbone is not None and not isinstance(self.hf_backbone, str):
             raise InputError(
                 f"LMConfig.hf_backbone: expected a path string or None, got {self.hf_backbone!r}"

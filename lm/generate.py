@@ -85,13 +85,8 @@ class KVCache:
             batch_size, max_len, config.n_layers, config.n_kv_heads, config.head_dim, device=device, dtype=dtype,
         )  # fmt: skip
 
-    def begin(
-        self, attention_mask: torch.Tensor, steps: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def begin(self, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Register T new positions (attention_mask (B, T) bool, False = padding).
-
-        ``steps`` (B, T) long says which positions advance the RoPE position (``DecoderLM.rope_steps``);
-        None = every valid one.
 
         Returns RoPE positions (B, T) and the attention mask (B, 1, T, T_max) over the whole buffer
         (None for a Hugging Face backbone, which builds its own from :meth:`hf_attention_mask`).
@@ -101,16 +96,19 @@ class KVCache:
         if start + t > self.max_len:
             raise InputError(f"KVCache: writing {t} positions at {start} overflows max_len={self.max_len}")
         keep = attention_mask.bool()
-        steps = keep.long() if steps is None else steps
         self.length = start + t
         if t == 1 and self.hf_cache is None:
             self._cursor.fill_(start)
-            return self.step_begin(keep[:, 0], steps[:, 0])
+            return self.step_begin(keep[:, 0])
         self._cursor.fill_(self.length)
         self.key_valid[:, start : start + t] = keep
         self._write = self._slots[start : start + t]
-        positions = (self.next_pos[:, None] + steps.cumsum(1) - 1).clamp(min=0)
-        self.next_pos += steps.sum(1)
+        if t == 1:
+            positions = self.next_pos[:, None].clone()
+            self.next_pos += keep[:, 0]
+            return positions, None
+        positions = (self.next_pos[:, None] + keep.long().cumsum(1) - 1).clamp(min=0)
+        self.next_pos += keep.sum(1)
         if self.hf_cache is not None:
             return positions, None
         query_slot = self._slots[start : start + t, None]  # (T, 1)
@@ -119,11 +117,8 @@ class KVCache:
         mask = (self.key_valid[:, None, :] & visible[None]) | (self._slots[None, :] == query_slot)[None]
         return positions, mask.unsqueeze(1)
 
-    def step_begin(
-        self, valid: torch.Tensor, steps: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_begin(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Register one decode position at the cursor slot (valid (B,) bool); advances the cursor.
-        ``steps`` (B,) long: whether it advances the RoPE position (None = when valid).
 
         Tensor operations only (no Python integers change), so a compiled decode step sees the same
         graph at every position. The caller accounts for :attr:`length` (see :meth:`advance`).
@@ -133,9 +128,8 @@ class KVCache:
         self._cursor += 1
         self._write = slot
         self.key_valid.index_copy_(1, slot, valid[:, None])
-        steps = valid.long() if steps is None else steps
-        self.next_pos += steps
-        positions = (self.next_pos[:, None] - 1).clamp(min=0)
+        positions = self.next_pos[:, None].clone()
+        self.next_pos += valid
         # the new slot is the last written one, so validity alone is the mask; a query always sees its
         # own slot (no empty softmax row for padding)
         mask = self.key_valid.index_fill(1, slot, True)

@@ -372,28 +372,18 @@ class DecoderLM(nn.Module):
         )
         return torch.where(is_image, x_image, x_text)
 
-    def rope_steps(self, valid: torch.Tensor, image_pos: torch.Tensor) -> torch.Tensor:
-        """(B, T) long: 1 where a position advances the RoPE position, 0 on padding (and, with
-        ``image_rope="shared"``, on every image position after an image's first)."""
-        steps = valid.long()
-        return steps * (image_pos <= 0) if self.config.image_rope == "shared" else steps
-
-    def _positions_and_mask(self, attention_mask: torch.Tensor | None, image_pos: torch.Tensor):
+    @staticmethod
+    def _positions_and_mask(attention_mask: torch.Tensor | None, b: int, t: int, device):
         """RoPE positions (B, T) and a bool mask (B, 1, T, T) or None (then plain causal attention)."""
-        b, t = image_pos.shape
-        keep = (
-            torch.ones(b, t, dtype=torch.bool, device=image_pos.device)
-            if attention_mask is None
-            else attention_mask.bool()
-        )
-        positions = (self.rope_steps(keep, image_pos).cumsum(1) - 1).clamp(min=0)
-        if bool((keep[:, 1:] <= keep[:, :-1]).all()):  # right padding (or none): causal attention suffices
+        if attention_mask is None:
+            return torch.arange(t, device=device).expand(b, t), None
+        keep = attention_mask.bool()
+        positions = (keep.long().cumsum(1) - 1).clamp(min=0)
+        if bool((keep[:, 1:] <= keep[:, :-1]).all()):  # right padding: causal attention suffices
             return positions, None
-        idx = torch.arange(t, device=image_pos.device)
+        idx = torch.arange(t, device=device)
         causal = idx[None, :] <= idx[:, None]
-        mask = (causal[None] & keep[:, None, :]) | torch.eye(t, dtype=torch.bool, device=image_pos.device)[
-            None
-        ]
+        mask = (causal[None] & keep[:, None, :]) | torch.eye(t, dtype=torch.bool, device=device)[None]
         return positions, mask.unsqueeze(1)
 
     # ----------------------------------------------------------------------------------------- forward
@@ -423,16 +413,16 @@ class DecoderLM(nn.Module):
             attention_mask = torch.ones(b, t, dtype=torch.bool, device=tokens.device)
         if isinstance(self.backbone, HFBackbone):
             if kv_cache is not None:
-                positions, _ = kv_cache.begin(attention_mask, self.rope_steps(attention_mask, image_pos))
+                positions, _ = kv_cache.begin(attention_mask)
                 hidden = self.backbone(x, positions, kv_cache.hf_attention_mask(), kv_cache)
             else:
-                positions, _ = self._positions_and_mask(attention_mask, image_pos)
+                positions, _ = self._positions_and_mask(attention_mask, b, t, tokens.device)
                 hidden = self.backbone(x, positions, attention_mask)
         else:
             if kv_cache is not None:
-                positions, mask = kv_cache.begin(attention_mask, self.rope_steps(attention_mask, image_pos))
+                positions, mask = kv_cache.begin(attention_mask)
             else:
-                positions, mask = self._positions_and_mask(attention_mask, image_pos)
+                positions, mask = self._positions_and_mask(attention_mask, b, t, tokens.device)
             hidden = self.backbone(x, positions, mask, mask is None, kv_cache)
         out = LMOutput(hidden=hidden)
         if labels is not None:
@@ -449,7 +439,7 @@ class DecoderLM(nn.Module):
         ``compile=True``); the caller accounts for the position on the host (``kv_cache.advance()``).
         """
         x = self.embed(rows[:, None], image_pos[:, None])
-        positions, mask = kv_cache.step_begin(valid, self.rope_steps(valid, image_pos))
+        positions, mask = kv_cache.step_begin(valid)
         return self.backbone(x, positions, mask, False, kv_cache)[:, -1]
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:

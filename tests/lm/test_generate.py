@@ -16,7 +16,6 @@ from lm.generate import (
     unconditional_prompt,
 )
 from lm.model import DecoderLM
-from lm.sequence import image_positions
 from lm.vocab import Vocab
 from tokenizer.errors import InputError
 
@@ -74,34 +73,6 @@ def test_kv_cache_equals_full_recompute(model):
     for c in cached[1:]:  # and text follows the image in the same batch
         after = c[int((c[:, 0] == VOCAB.eoi).nonzero()[0]) :, 0]
         assert bool(VOCAB.is_text(after).any())
-
-
-def test_shared_image_rope_cache_equals_full_recompute():
-    torch.manual_seed(0)
-    shared = DecoderLM(lm_config("tiny", image_rope="shared"), VOCAB).eval()
-    prompt = prompts()[1]  # <bos> 9 <boi> and one image position
-    image_pos = torch.tensor([[-1, -1, -1, 0, 1, 2, -1, -1]])
-    positions, _ = shared._positions_and_mask(None, image_pos)
-    assert positions.tolist() == [[0, 1, 2, 3, 3, 3, 4, 5]]  # the image takes one RoPE position
-    # decode steps through the cache give the hidden states of one full pass over the same rows
-    rows = torch.cat([prompt, VOCAB.codes_to_ids(torch.tensor([[1, 2]] * (HW - 1))), VOCAB.text_rows([VOCAB.eoi, 7])])
-    pos = image_positions(rows, VOCAB)
-    with torch.no_grad():
-        full = shared(rows[None], pos[None]).hidden[0]
-        cache = KVCache.for_model(shared, 1, len(rows))
-        shared(rows[None, :3], pos[None, :3], kv_cache=cache)
-        steps = []
-        for t in range(3, len(rows)):
-            steps.append(shared.decode_step(rows[None, t], pos[None, t], torch.tensor([True]), cache)[0])
-            cache.advance()
-    torch.testing.assert_close(torch.stack(steps), full[3:], atol=1e-5, rtol=1e-4)
-    sampling = SamplingConfig(**GREEDY, max_new_tokens=3 * HW)
-    cached = generate_tokens(shared, prompts(), sampling, seed=0)
-    recomputed = generate_tokens(shared, prompts(), sampling, seed=0, use_cache=False)
-    assert all(torch.equal(c, r) for c, r in zip(cached, recomputed, strict=True))
-    assert check_structure(torch.cat([prompt, cached[1]])) >= 1
-    with pytest.raises(InputError, match="image_rope"):
-        lm_config("tiny", image_rope="2d")
 
 
 def test_narrow_depth_head_generates_and_trains():
