@@ -441,11 +441,7 @@ def generate_image(
     rows = [text_to_image_prompt_tokens(model, p, modality) for p in prompts]
     negatives = None
     if negative_prompt is not None:
-        negative = (
-            [negative_prompt] * len(rows) if isinstance(negative_prompt, str) else list(negative_prompt)
-        )
-        if len(negative) != len(rows):
-            raise InputError(f"negative_prompt: {len(negative)} for {len(rows)} prompts")
+        negative = _per_item(negative_prompt, len(rows), "negative_prompt", "prompts")
         negatives = [text_to_image_prompt_tokens(model, n, modality) for n in negative]
     sampling = SamplingConfig(
         image_temperature=temperature,
@@ -499,18 +495,14 @@ def describe_image(
     """
     codes = model.image_codes(image, modality=modality, window=window, slice_index=slice_index)
     single = not isinstance(image, list | tuple) and not (isinstance(image, torch.Tensor) and image.ndim == 4)
-    questions = list(question) if isinstance(question, list | tuple) else [question] * len(codes)
-    if len(questions) != len(codes):
-        raise InputError(f"question: {len(questions)} questions for {len(codes)} images")
+    questions = _per_item(question, len(codes), "question", "images")
     sampling = SamplingConfig(
         text_temperature=temperature, text_top_k=top_k, text_top_p=top_p, max_new_tokens=max_new_tokens
     )
     if report is not None:
-        reports = [report] * len(codes) if isinstance(report, str) else list(report)
-        if len(reports) != len(codes) or not all(isinstance(r, str) for r in reports):
-            raise InputError(
-                f"report: expected a str or {len(codes)} str (one per image), got {report!r:.80}"
-            )
+        reports = _per_item(report, len(codes), "report", "images")
+        if not all(isinstance(r, str) for r in reports):
+            raise InputError(f"report: expected a str or one str per image, got {report!r:.80}")
     elif report_first:
         budget = max_report_tokens if any(q is not None for q in questions) else max_new_tokens
         reports = _one_line_reports(model, codes, replace(sampling, max_new_tokens=budget), seed)
@@ -527,6 +519,14 @@ def describe_image(
         answers = iter(texts)
         texts = [reports[i] if q is None else next(answers) for i, q in enumerate(questions)]
     return texts[0] if single else texts
+
+
+def _per_item(value, n: int, name: str, items: str) -> list:
+    """``value`` for each of ``n`` items: a str or None stands for all of them, a sequence gives one each."""
+    values = [value] * n if value is None or isinstance(value, str) else list(value)
+    if len(values) != n:
+        raise InputError(f"{name}: {len(values)} for {n} {items}")
+    return values
 
 
 def _complete(model, prompts, at_line: list[bool], sampling: SamplingConfig, seed: int) -> list[str]:

@@ -94,7 +94,7 @@ def test_describe_image_returns_text(model):
     assert isinstance(answers, list) and len(answers) == 2 and answers[1] == report
     sampled = lm.describe_image(model, codes, max_new_tokens=12, temperature=1.0, seed=1)
     assert isinstance(sampled, str)
-    with pytest.raises(InputError, match="2 questions for 1 images"):
+    with pytest.raises(InputError, match="question: 2 for 1 images"):
         lm.describe_image(model, [codes], ["a?", "b?"])
 
 
@@ -130,8 +130,10 @@ def test_describe_then_answer_writes_each_report_once(model, monkeypatch):
     )
     given = lm.describe_image(model, one, "Large?", report="One lesion.")
     assert given == "yes" and len(seen) == 3  # a given report is not written again
-    with pytest.raises(InputError, match="report"):
+    with pytest.raises(InputError, match="report: 1 for 2 images"):
         lm.describe_image(model, [one, two], ["a?", "b?"], report=["only one"])
+    with pytest.raises(InputError, match="one str per image"):
+        lm.describe_image(model, [one, two], ["a?", "b?"], report=["one", 2])
     with pytest.raises(InputError, match="needs the report"):
         report_first_prompt_tokens(model, one, question="Large?")
 

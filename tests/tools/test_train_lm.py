@@ -95,18 +95,8 @@ def test_cpu_smoke_run_exports_a_model_and_the_cli_uses_it(checkpoint_and_shard,
     assert printed == describe_image(
         load_model(out), png_path, "How many?", report_first=True, max_new_tokens=4
     )
-    argv = [
-        "--model",
-        str(out),
-        "--prompt",
-        "one lesion",
-        "--num",
-        "1",
-        "--negative-prompt",
-        "normal",
-        "--out",
-    ]
-    assert generate.main([*argv, str(tmp_path / "neg"), "--modality", "ct"]) == 0
+    argv = ["--model", str(out), "--prompt", "one lesion", "--num", "1", "--negative-prompt", "normal"]
+    assert generate.main([*argv, "--out", str(tmp_path / "neg"), "--modality", "ct"]) == 0
     assert json.loads((tmp_path / "neg" / "prompts.json").read_text())["negative_prompt"] == "normal"
     assert generate.main(["--model", str(tmp_path / "missing"), "--describe", str(png_path)]) == 2
     with pytest.raises(SystemExit):
