@@ -16,6 +16,9 @@ Tasks (mixed per epoch by ``LMDataConfig.mix``):
 * ``records``: JSONL segment / chat records (interleaved documents), images referenced as ``"<shard>:<row>"``
   where ``<shard>`` is the shard directory's name.
 
+With ``grounding`` the sequences of rows whose ``attributes`` list phantom findings also carry the auxiliary
+targets of :mod:`lm.grounding` (what each region holds; in text→image records, at every image position).
+
 An epoch's plan is fixed by (seed, epoch): each task's items repeated ``mix`` times (a fraction draws a random
 subset), shuffled, split evenly over ranks, and cut into batches (of one task each with ``group_by_task``); a
 DataLoader worker takes every ``num_workers``-th batch, so the batches do not depend on the number of workers.
@@ -39,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lm.grounding import row_classes, sequence_targets
 from lm.sequence import RecordRejected, Sequence, build_sequence, pack
 from lm.text_tokenizer import TextTokenizer
 from lm.vocab import Vocab
@@ -107,6 +111,17 @@ def caption_record(
         return text_to_image_record("", image_ref)
     template = int(rng.integers(len(TEXT_TO_IMAGE_TEMPLATES)))
     return text_to_image_record(text_to_image_prompt(caption, row.get("modality"), template), image_ref)
+
+
+def _prompted_image(record: dict) -> bool:
+    """Whether a segments record is a text→image record with a non-empty prompt."""
+    segments = record.get("segments") or []
+    return (
+        len(segments) == 2
+        and bool(segments[0].get("text"))
+        and "image" in segments[1]
+        and record.get("loss_on") == [1]
+    )
 
 
 def one_line(text: str) -> str:
@@ -207,6 +222,10 @@ class LMDataConfig:
     vqa_report_first: float = 0.0
     """Probability that a ``vqa`` record of a captioned row opens with the caption as a one-line report
     (describe-then-answer, ``describe_image(..., report_first=True)``); the others ask directly."""
+    grounding: bool = False
+    """Grounding targets (:mod:`lm.grounding`) for the records of rows whose ``attributes`` list phantom
+    findings: each region's finding at ``<eoi>``, and in text→image records each image position's; trained
+    when ``optim.grounding_weight`` > 0."""
     max_len: int = 1024
     """Longest sequence in positions."""
     truncate: bool = True
@@ -384,7 +403,7 @@ class LMDataset(IterableDataset):
         rng = np.random.default_rng([self.config.seed, self.epoch, position * self.world_size + self.rank])
         record, where = self.record(plan[position], rng)
         cfg = self.config
-        return build_sequence(
+        seq = build_sequence(
             record,
             self.vocab,
             self.text_tokenizer.encode,
@@ -393,6 +412,14 @@ class LMDataset(IterableDataset):
             truncate=cfg.truncate,
             where=where,
         )
+        task, source, index, _ = (int(v) for v in plan[position])
+        if cfg.grounding and TASKS[task] != "records":
+            classes = row_classes(self.shards[source].row(index))
+            if classes is not None:
+                eoi = seq.tokens[:, 0] == self.vocab.eoi
+                place = _prompted_image(record)
+                seq.grounding = sequence_targets(seq.image_pos, eoi, classes, self.vocab.grid, place)
+        return seq
 
     def _replaceable(self, plan: np.ndarray, position: int, skipped: Counter) -> Sequence:
         for attempt in range(MAX_REPLACEMENTS):

@@ -58,6 +58,8 @@ class Sequence:
     """(T, K) long: the ids position t must predict (tokens[t + 1]) or -100 where there is no loss."""
     image_pos: torch.Tensor
     """(T,) long: index 0..h*w-1 within the image span for image positions, -1 elsewhere."""
+    grounding: torch.Tensor | None = None
+    """(T, G) long grounding targets (:mod:`lm.grounding`), -100 where there is none; or None."""
 
     def __post_init__(self) -> None:
         T = self.tokens.shape[0]
@@ -67,8 +69,10 @@ class Sequence:
             )
         if tuple(self.image_pos.shape) != (T,):
             raise InputError(f"Sequence: image_pos must be (T,) = ({T},), got {tuple(self.image_pos.shape)}")
-        for name in ("tokens", "labels", "image_pos"):
-            if getattr(self, name).dtype != torch.long:
+        if self.grounding is not None and (self.grounding.dim() != 2 or self.grounding.shape[0] != T):
+            raise InputError(f"Sequence: grounding must be (T={T}, G), got {tuple(self.grounding.shape)}")
+        for name in ("tokens", "labels", "image_pos", "grounding"):
+            if getattr(self, name) is not None and getattr(self, name).dtype != torch.long:
                 raise InputError(f"Sequence: {name} must be torch.long, got {getattr(self, name).dtype}")
 
     def __len__(self) -> int:
@@ -87,6 +91,8 @@ class Batch:
     """(B, T) long; -1 outside images and at padding."""
     attention_mask: torch.Tensor
     """(B, T) bool; True at real positions."""
+    grounding: torch.Tensor | None = None
+    """(B, T, G) long grounding targets, -100 where none; None when no sequence of the batch has any."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Records dropped while this batch was assembled, by reason (for logging; not part of the data)."""
 
@@ -330,9 +336,16 @@ def pack(sequences: list[Sequence], max_len: int, pad_id: int, *, pad_to_max: bo
     labels = torch.full((B, T, K), IGNORE_INDEX, dtype=torch.long)
     image_pos = torch.full((B, T), -1, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.bool)
+    grounding, widths = None, {s.grounding.shape[1] for s in sequences if s.grounding is not None}
+    if len(widths) > 1:
+        raise InputError(f"pack: sequences have grounding targets of different widths: {sorted(widths)}")
+    if widths:
+        grounding = torch.full((B, T, widths.pop()), IGNORE_INDEX, dtype=torch.long)
     for b, (s, n) in enumerate(zip(sequences, lengths, strict=True)):
         tokens[b, :n], labels[b, :n], image_pos[b, :n], mask[b, :n] = s.tokens, s.labels, s.image_pos, True
-    return Batch(tokens=tokens, labels=labels, image_pos=image_pos, attention_mask=mask)
+        if s.grounding is not None:
+            grounding[b, :n] = s.grounding
+    return Batch(tokens=tokens, labels=labels, image_pos=image_pos, attention_mask=mask, grounding=grounding)
 
 
 def unpack(batch: Batch) -> list[Sequence]:
@@ -347,6 +360,7 @@ def unpack(batch: Batch) -> list[Sequence]:
             tokens=batch.tokens[b, :n].clone(),
             labels=batch.labels[b, :n].clone(),
             image_pos=batch.image_pos[b, :n].clone(),
+            grounding=None if batch.grounding is None else batch.grounding[b, :n].clone(),
         )
         for b, n in enumerate(lengths.tolist())
     ]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import lightning as L
 import torch
 
+from lm import grounding
 from lm.config import LMConfig
 from lm.model import DecoderLM, LMOutput
 from lm.sequence import Batch
@@ -47,6 +48,9 @@ class LMOptimConfig:
     """Weight of the text cross-entropy."""
     image_weight: float = 1.0
     """Weight of the image (depth head) cross-entropy."""
+    grounding_weight: float = 0.0
+    """Weight of the grounding cross-entropy (:mod:`lm.grounding`; targets from ``data.grounding``): a
+    linear head on the hidden states, kept in the training system, not in the saved model. 0 = no head."""
     skip_nonfinite: bool = True
     """Skip (and log) a step whose loss is NaN/Inf, or a spike (see ``spike_factor``), instead of applying it."""
     spike_factor: float = 10.0
@@ -61,7 +65,7 @@ class LMOptimConfig:
             raise ValueError(f"optim.betas: expected two values in [0, 1), got {self.betas}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim.min_lr_ratio: expected [0, 1], got {self.min_lr_ratio}")
-        for name in ("weight_decay", "grad_clip", "text_weight", "image_weight"):
+        for name in ("weight_decay", "grad_clip", "text_weight", "image_weight", "grounding_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"optim.{name}: expected a finite value >= 0, got {value}")
@@ -126,12 +130,17 @@ class LMSystem(L.LightningModule):
         self.vocab = Vocab.from_dict(config.vocab)
         self.save_hyperparameters({"config": config.to_dict()})
         self.model = DecoderLM(config.model, self.vocab)
+        self.grounding_head = None
+        if config.optim.grounding_weight > 0:
+            width = grounding.NUM_TARGETS * grounding.NUM_CLASSES
+            self.grounding_head = torch.nn.Linear(self.model.config.dim, width, bias=False)
+            torch.nn.init.normal_(self.grounding_head.weight, std=0.02)
         self.skipped_steps = 0
         self.loss_guard = LossGuard(config.optim.spike_factor)
 
     def configure_optimizers(self):
         o = self.config.optim
-        groups = param_groups(self.model, o.weight_decay)
+        groups = param_groups(self, o.weight_decay)  # the model and the grounding head
         fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=fused or None)
         total = self.config.max_steps
@@ -157,7 +166,25 @@ class LMSystem(L.LightningModule):
             "z_loss": out.z_loss.detach(),
         }
         n_text, n_image = out.num_text_targets, out.num_image_targets
-        return losses, {"text_loss": n_text, "image_loss": n_image, "z_loss": n_text}
+        targets = {"text_loss": n_text, "image_loss": n_image, "z_loss": n_text}
+        if self.grounding_head is not None:
+            g_loss, targets["grounding_loss"] = self.grounding_loss(out.hidden, batch.grounding)
+            losses["loss"] = losses["loss"] + o.grounding_weight * g_loss
+            losses["grounding_loss"] = g_loss.detach()
+        return losses, targets
+
+    def grounding_loss(self, hidden: torch.Tensor, target: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy of the grounding head over the targets (B, T, G) that are set, and their
+        number (a batch without targets gives a zero that still touches the head, so DDP sees it used)."""
+        weight = self.grounding_head.weight
+        has = None if target is None else target != -100
+        if has is None or not bool(has.any()):
+            return weight.sum() * 0.0, 0
+        rows = has.any(-1)
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = torch.nn.functional.linear(hidden[rows].float(), weight.float())
+        logits = logits.view(-1, target.shape[-1], grounding.NUM_CLASSES)[has[rows]]
+        return torch.nn.functional.cross_entropy(logits, target[has]), int(has.sum())
 
     def training_step(self, batch: Batch, batch_idx: int):
         losses, targets = self.losses(batch)

@@ -197,14 +197,18 @@ def _random_sequence(draw_len: int, seed: int) -> Sequence:
     tokens = torch.randint(0, VOCAB.size, (draw_len, 2), generator=g)
     labels = torch.where(torch.rand(draw_len, 2, generator=g) < 0.5, tokens, IGNORE_INDEX)
     image_pos = torch.randint(-1, HW, (draw_len,), generator=g)
-    return Sequence(tokens=tokens, labels=labels, image_pos=image_pos)
+    grounding = torch.randint(-1, 5, (draw_len, 3), generator=g)
+    grounding[grounding < 0] = IGNORE_INDEX
+    return Sequence(tokens=tokens, labels=labels, image_pos=image_pos, grounding=grounding)
 
 
 def _same(a: Sequence, b: Sequence) -> bool:
+    ground = (a.grounding is None and b.grounding is None) or torch.equal(a.grounding, b.grounding)
     return (
         torch.equal(a.tokens, b.tokens)
         and torch.equal(a.labels, b.labels)
         and torch.equal(a.image_pos, b.image_pos)
+        and ground
     )
 
 
@@ -218,7 +222,7 @@ def test_pack_unpack_inverse(lengths, seed, pad_to_max):
     assert batch.attention_mask.sum(1).tolist() == lengths
     pad = ~batch.attention_mask
     assert (batch.tokens[pad] == VOCAB.pad).all() and (batch.labels[pad] == IGNORE_INDEX).all()
-    assert (batch.image_pos[pad] == -1).all()
+    assert (batch.image_pos[pad] == -1).all() and (batch.grounding[pad] == IGNORE_INDEX).all()
     back = unpack(batch)
     assert len(back) == len(seqs) and all(_same(a, b) for a, b in zip(seqs, back, strict=True))
 
@@ -229,7 +233,7 @@ def test_pack_real_sequences_and_errors():
         build({"messages": [{"role": "assistant", "content": "xyz"}]}),
     ]
     batch = pack(seqs, 64, VOCAB.pad)
-    assert isinstance(batch, Batch) and len(batch) == 2
+    assert isinstance(batch, Batch) and len(batch) == 2 and batch.grounding is None
     assert all(_same(a, b) for a, b in zip(seqs, unpack(batch), strict=True))
     with pytest.raises(InputError, match="exceeds max_len"):
         pack(seqs, 5, VOCAB.pad)

@@ -8,6 +8,8 @@ import torch
 
 from lm.config import lm_config
 from lm.data import LMDataConfig, LMDataModule, text_corpus
+from lm.grounding import NUM_CLASSES, NUM_TARGETS
+from lm.sequence import IGNORE_INDEX
 from lm.system import LMOptimConfig, LMSystem, LMTrainConfig, cosine_schedule, param_groups
 from lm.text_tokenizer import TextTokenizer
 from lm.vocab import Vocab
@@ -33,7 +35,13 @@ def write_phantom_shard(directory, tokenizer, num_images: int = NUM_IMAGES):
         item = data[i]
         qa = [{"question": q, "answer": a} for q, a in phantom_questions(data.phantom(i), rng)[:2]]
         records.append(
-            {"source": item["source"], "modality": item["modality"], "caption": item["caption"], "qa": qa}
+            {
+                "source": item["source"],
+                "modality": item["modality"],
+                "caption": item["caption"],
+                "attributes": data.phantom(i).attributes(),
+                "qa": qa,
+            }
         )
     q = tokenizer.config.quantizer
     with ShardWriter(
@@ -236,3 +244,64 @@ def test_val_losses_are_means_over_targets(env):
         na["text_loss"] + nb["text_loss"]
     )
     assert got["val/text_loss"] == pytest.approx(float(text), rel=1e-5)
+
+
+# ------------------------------------------------------------------ grounding targets (lm.grounding)
+def _batches(env, **cfg):
+    data = LMDataConfig(**{**vars(env["data"]), **cfg})
+    dm = LMDataModule(data, env["text"], env["vocab"])
+    dm.setup()
+    return list(dm.train_dataloader())
+
+
+def test_targets_by_record_kind(env):
+    vocab = env["vocab"]
+    assert all(b.grounding is None for b in _batches(env))  # off by default
+    kinds = set()
+    for b in _batches(env, grounding=True, image_first=0.5, cond_dropout=0.3):
+        assert b.grounding is not None and b.grounding.shape == (*b.image_pos.shape, NUM_TARGETS)
+        for row in range(len(b)):
+            g, real = b.grounding[row], b.attention_mask[row]
+            eoi = (b.tokens[row, :, 0] == vocab.eoi) & real
+            assert int(eoi.sum()) == 1
+            assert (g[eoi, 1:] != IGNORE_INDEX).all() and (g[~eoi, 1:] == IGNORE_INDEX).all()
+            assert g[g != IGNORE_INDEX].max() < NUM_CLASSES
+            place = g[:, 0] != IGNORE_INDEX
+            image_target = vocab.is_image(b.labels[row, :, 0])
+            if b.tokens[row, 1, 0] != vocab.boi and image_target.any():  # text -> image with a prompt
+                assert torch.equal(place, image_target)
+                kinds.add("prompted")
+            else:  # image -> text, VQA, unconditional text -> image
+                assert not place.any()
+                kinds.add("other")
+    assert kinds == {"prompted", "other"}
+
+
+def test_grounding_loss_trains_and_stays_out_of_the_model(env):
+    batch = next(b for b in _batches(env, grounding=True, image_first=0.0) if b.grounding is not None)
+    cfg = train_config(env, max_steps=20)
+    cfg = LMTrainConfig(
+        cfg.model, cfg.vocab, LMOptimConfig(lr=3e-3, warmup_steps=0, grounding_weight=0.5), 20
+    )
+    torch.manual_seed(0)
+    system = LMSystem(cfg)
+    opt = system.configure_optimizers()["optimizer"]
+    assert any(p is system.grounding_head.weight for g in opt.param_groups for p in g["params"])
+    first, targets = system.losses(batch)
+    assert targets["grounding_loss"] == int((batch.grounding != IGNORE_INDEX).sum())
+    assert float(first["grounding_loss"]) == pytest.approx(np.log(NUM_CLASSES), abs=0.2)  # chance at init
+    plain = first["text_loss"] + first["image_loss"] + first["z_loss"]
+    assert float(first["loss"].detach()) == pytest.approx(
+        float(plain + 0.5 * first["grounding_loss"]), rel=1e-5
+    )
+    for _ in range(40):
+        opt.zero_grad()
+        system.losses(batch)[0]["loss"].backward()
+        opt.step()
+    assert float(system.losses(batch)[0]["grounding_loss"]) < 0.5 * float(first["grounding_loss"])
+    assert not any("grounding" in k for k in system.model.state_dict())  # the saved model has no head
+    no_targets = type(batch)(batch.tokens, batch.labels, batch.image_pos, batch.attention_mask)
+    zero, n = system.grounding_loss(system(no_targets).hidden, no_targets.grounding)
+    assert n == 0 and float(zero.detach()) == 0 and zero.requires_grad
+    with pytest.raises(ValueError, match="grounding_weight"):
+        LMOptimConfig(grounding_weight=-1.0)

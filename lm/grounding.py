@@ -1,0 +1,88 @@
+"""Grounding targets: auxiliary training signals that tie the words of a caption to places in its image.
+
+For a shard row whose ``attributes`` list findings in the phantom vocabulary (region = image quadrant as
+displayed, size, intensity), each quadrant has a class: 0 when it holds no finding, else ``1 + 2 * size +
+intensity`` (indices into :data:`SIZES` and :data:`INTENSITIES`). A sequence carries them as a (T, 1 + 4)
+target, -100 where there is none:
+
+* column 0, **place**: in a text→image record with a prompt, the hidden state that predicts an image position
+  also predicts the class of that position's quadrant; every position of the image gets a target that
+  depends on the prompt's region words, where the image loss ties them only through the few positions a
+  finding covers (generation: a text names a place);
+* columns 1-4, **summary**: at the ``<eoi>`` of such an image, in every record, the class of each quadrant in
+  :data:`REGIONS` order, so the model holds a per-region reading of the image where a question can look it
+  up (understanding: a question names a place).
+
+A linear head kept in the training system predicts them (``LMOptimConfig.grounding_weight``); it is a training
+aid and not part of the saved model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tokenizer.data.phantom_vocab import INTENSITIES, REGIONS, SIZES
+
+NUM_CLASSES = 1 + len(SIZES) * len(INTENSITIES)
+"""No finding in the quadrant, or one of the size × intensity combinations."""
+NUM_TARGETS = 1 + len(REGIONS)
+"""Columns of a sequence's grounding target: the place, then one per region."""
+
+
+def finding_class(size: str, intensity: str) -> int:
+    """The class (1..4) of a finding of this size and intensity."""
+    return 1 + SIZES.index(size) * len(INTENSITIES) + INTENSITIES.index(intensity)
+
+
+def region_classes(findings: list) -> np.ndarray | None:
+    """(4,) int64 class of each region in :data:`REGIONS` order for ``findings`` (``{"region", "size",
+    "intensity"}`` dicts), or None when one is not in the phantom vocabulary (no grounding target then)."""
+    out = np.zeros(len(REGIONS), dtype=np.int64)
+    for f in findings:
+        if not isinstance(f, dict) or f.get("region") not in REGIONS:
+            return None
+        if f.get("size") not in SIZES or f.get("intensity") not in INTENSITIES:
+            return None
+        out[REGIONS.index(f["region"])] = finding_class(f["size"], f["intensity"])
+    return out
+
+
+def row_classes(row: dict) -> np.ndarray | None:
+    """:func:`region_classes` of a shard row's ``attributes.findings``; None without them."""
+    attributes = row.get("attributes")
+    if not isinstance(attributes, dict) or not isinstance(attributes.get("findings"), list):
+        return None
+    return region_classes(attributes["findings"])
+
+
+def quadrant_map(grid: tuple[int, int]) -> np.ndarray:
+    """(h·w,) int64 index into :data:`REGIONS` of each raster position's quadrant (left/right as displayed)."""
+    h, w = grid
+    rows, cols = np.divmod(np.arange(h * w), w)
+    names = np.where(cols < w / 2, "left", "right").astype(object) + " "
+    names = names + np.where(rows < h / 2, "upper", "lower")
+    return np.array([REGIONS.index(n) for n in names], dtype=np.int64)
+
+
+def sequence_targets(
+    image_pos: torch.Tensor, eoi: torch.Tensor, classes: np.ndarray, grid: tuple[int, int], place: bool
+) -> torch.Tensor:
+    """(T, 1 + 4) long grounding targets of a sequence with one image, -100 where there is none.
+
+    Args:
+        image_pos: (T,) the sequence's image_pos (0..h·w-1 on image positions, -1 elsewhere).
+        eoi: (T,) bool, True at the image's ``<eoi>``.
+        classes: (4,) the image's region classes (:func:`row_classes`).
+        grid: the image grid (h, w).
+        place: also fill column 0 (a text→image record with a prompt).
+    """
+    target = torch.full((image_pos.shape[0], NUM_TARGETS), -100, dtype=torch.long)
+    classes = torch.as_tensor(classes, dtype=torch.long)
+    if place:
+        per_position = classes[torch.as_tensor(quadrant_map(grid))]
+        nxt = image_pos[1:]
+        on = nxt >= 0  # position t predicts the image position t + 1
+        target[:-1, 0][on] = per_position[nxt[on]]
+    target[eoi, 1:] = classes
+    return target
