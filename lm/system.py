@@ -50,7 +50,10 @@ class LMOptimConfig:
     """Weight of the image (depth head) cross-entropy."""
     grounding_weight: float = 0.0
     """Weight of the grounding cross-entropy (:mod:`lm.grounding`; targets from ``data.grounding``): a
-    linear head on the hidden states, kept in the training system, not in the saved model. 0 = no head."""
+    linear head kept in the training system, not in the saved model. 0 = no head."""
+    grounding_layer: int = 0
+    """Backbone block (1-based, native backbone) whose output, RMS-normalised, feeds the grounding head;
+    0 = the final hidden states."""
     skip_nonfinite: bool = True
     """Skip (and log) a step whose loss is NaN/Inf, or a spike (see ``spike_factor``), instead of applying it."""
     spike_factor: float = 10.0
@@ -69,6 +72,10 @@ class LMOptimConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"optim.{name}: expected a finite value >= 0, got {value}")
+        if self.grounding_layer < 0:
+            raise ValueError(
+                f"optim.grounding_layer: expected 0 (final) or a block number >= 1, got {self.grounding_layer}"
+            )
         if self.text_weight == 0 and self.image_weight == 0:
             raise ValueError("optim: text_weight and image_weight are both 0; nothing to train")
 
@@ -135,6 +142,16 @@ class LMSystem(L.LightningModule):
             width = grounding.NUM_TARGETS * grounding.NUM_CLASSES
             self.grounding_head = torch.nn.Linear(self.model.config.dim, width, bias=False)
             torch.nn.init.normal_(self.grounding_head.weight, std=0.02)
+            if config.optim.grounding_layer:
+                blocks = getattr(self.model.backbone, "blocks", [])
+                if config.optim.grounding_layer > len(blocks):
+                    raise ValueError(
+                        f"optim.grounding_layer={config.optim.grounding_layer}: the native backbone has "
+                        f"{len(blocks)} blocks (a Hugging Face backbone takes 0, the final states)"
+                    )
+                block = blocks[config.optim.grounding_layer - 1]
+                block.register_forward_hook(self._keep_grounding_input)
+        self._grounding_input = None
         self.skipped_steps = 0
         self.loss_guard = LossGuard(config.optim.spike_factor)
 
@@ -168,10 +185,15 @@ class LMSystem(L.LightningModule):
         n_text, n_image = out.num_text_targets, out.num_image_targets
         targets = {"text_loss": n_text, "image_loss": n_image, "z_loss": n_text}
         if self.grounding_head is not None:
-            g_loss, targets["grounding_loss"] = self.grounding_loss(out.hidden, batch.grounding)
+            hidden = out.hidden if self._grounding_input is None else self._grounding_input
+            self._grounding_input = None
+            g_loss, targets["grounding_loss"] = self.grounding_loss(hidden, batch.grounding)
             losses["loss"] = losses["loss"] + o.grounding_weight * g_loss
             losses["grounding_loss"] = g_loss.detach()
         return losses, targets
+
+    def _keep_grounding_input(self, module, args, output) -> None:
+        self._grounding_input = torch.nn.functional.rms_norm(output, output.shape[-1:])
 
     def grounding_loss(self, hidden: torch.Tensor, target: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         """Mean cross-entropy of the grounding head over the targets (B, T, G) that are set, and their

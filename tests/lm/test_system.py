@@ -305,3 +305,23 @@ def test_grounding_loss_trains_and_stays_out_of_the_model(env):
     assert n == 0 and float(zero.detach()) == 0 and zero.requires_grad
     with pytest.raises(ValueError, match="grounding_weight"):
         LMOptimConfig(grounding_weight=-1.0)
+
+
+def test_grounding_head_on_an_inner_block(env):
+    batch = next(b for b in _batches(env, grounding=True, image_first=0.0) if b.grounding is not None)
+    cfg = train_config(env, max_steps=2)
+    inner = LMOptimConfig(grounding_weight=1.0, grounding_layer=1)
+    system = LMSystem(LMTrainConfig(cfg.model, cfg.vocab, inner, 2))
+    captured = []
+    system.model.backbone.blocks[0].register_forward_hook(lambda m, a, out: captured.append(out))
+    losses, _ = system.losses(batch)
+    logits_from_block = torch.nn.functional.rms_norm(captured[0], captured[0].shape[-1:])
+    expected, _ = system.grounding_loss(logits_from_block, batch.grounding)
+    assert float(losses["grounding_loss"]) == pytest.approx(float(expected.detach()), rel=1e-6)
+    losses["loss"].backward()
+    assert system.model.backbone.blocks[0].attn.wqkv.weight.grad is not None
+    assert system._grounding_input is None  # not kept past the step
+    with pytest.raises(ValueError, match="grounding_layer=9"):
+        LMSystem(
+            LMTrainConfig(cfg.model, cfg.vocab, LMOptimConfig(grounding_weight=1.0, grounding_layer=9), 2)
+        )
