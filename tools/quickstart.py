@@ -124,6 +124,7 @@ def encode(v: Variant, tokenizer: Path, stages: Path, device: str) -> list[Path]
 
 
 def train_lm(v: Variant, tokenizer: Path, shards: list[Path], stages: Path, device: str) -> Path:
+    from lm.config import lm_config
     from tools.train_lm import train
 
     run_dir = stages / "lm"
@@ -143,6 +144,11 @@ def train_lm(v: Variant, tokenizer: Path, shards: list[Path], stages: Path, devi
         "data.vqa_turns=3",
         "data.image_first=0.25",
         "data.vqa_report_first=0.5",
+        # what each quadrant holds as an auxiliary target (lm/grounding.py), on the middle block: it lets
+        # prompts place findings and questions find the region they name (lm37 in docs/BENCHMARKS.md)
+        "data.grounding=true",
+        "optim.grounding_weight=0.5",
+        f"optim.grounding_layer={lm_config(v.lm).n_layers // 2}",
         f"trainer={device}",
         f"trainer.max_steps={v.lm_steps}",
         "trainer.val_every_n_steps=0",
