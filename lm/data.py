@@ -224,7 +224,7 @@ class LMDataConfig:
     (describe-then-answer, ``describe_image(..., report_first=True)``); the others ask directly."""
     grounding: bool = False
     """Grounding targets (:mod:`lm.grounding`) for the records of rows whose ``attributes`` list phantom
-    findings: each region's finding from ``<eoi>`` on, and in text→image records each image position's; trained
+    findings: each region's finding at ``<eoi>``, and in text→image records each image position's; trained
     when ``optim.grounding_weight`` > 0."""
     max_len: int = 1024
     """Longest sequence in positions."""

@@ -9,10 +9,9 @@ target, -100 where there is none:
   also predicts the class of that position's quadrant; every position of the image gets a target that
   depends on the prompt's region words, where the image loss ties them only through the few positions a
   finding covers (generation: a text names a place);
-* columns 1-4, **summary**: from the image's ``<eoi>`` on, in every record, the class of each quadrant in
-  :data:`REGIONS` order, so every position after the image (a question's last token among them) holds a
-  per-region reading of it, and the question's words only have to select one of four features
-  (understanding: a question names a place).
+* columns 1-4, **summary**: at the ``<eoi>`` of such an image, in every record, the class of each quadrant in
+  :data:`REGIONS` order, so the model holds a per-region reading of the image where a question can look it
+  up (understanding: a question names a place).
 
 A linear head kept in the training system predicts them (``LMOptimConfig.grounding_weight``); it is a training
 aid and not part of the saved model.
@@ -73,7 +72,7 @@ def sequence_targets(
 
     Args:
         image_pos: (T,) the sequence's image_pos (0..h·w-1 on image positions, -1 elsewhere).
-        eoi: (T,) bool, True at the image's ``<eoi>``; the summary columns are set there and after.
+        eoi: (T,) bool, True at the image's ``<eoi>``.
         classes: (4,) the image's region classes (:func:`row_classes`).
         grid: the image grid (h, w).
         place: also fill column 0 (a text→image record with a prompt).
@@ -85,5 +84,5 @@ def sequence_targets(
         nxt = image_pos[1:]
         on = nxt >= 0  # position t predicts the image position t + 1
         target[:-1, 0][on] = per_position[nxt[on]]
-    target[eoi.long().cumsum(0) > 0, 1:] = classes
+    target[eoi, 1:] = classes
     return target

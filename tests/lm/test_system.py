@@ -264,8 +264,7 @@ def test_targets_by_record_kind(env):
             g, real = b.grounding[row], b.attention_mask[row]
             eoi = (b.tokens[row, :, 0] == vocab.eoi) & real
             assert int(eoi.sum()) == 1
-            after = (eoi.long().cumsum(0) > 0) & real  # <eoi> and every real position after it
-            assert (g[after, 1:] != IGNORE_INDEX).all() and (g[~after, 1:] == IGNORE_INDEX).all()
+            assert (g[eoi, 1:] != IGNORE_INDEX).all() and (g[~eoi, 1:] == IGNORE_INDEX).all()
             assert g[g != IGNORE_INDEX].max() < NUM_CLASSES
             place = g[:, 0] != IGNORE_INDEX
             image_target = vocab.is_image(b.labels[row, :, 0])
