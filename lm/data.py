@@ -113,17 +113,6 @@ def caption_record(
     return text_to_image_record(text_to_image_prompt(caption, row.get("modality"), template), image_ref)
 
 
-def _prompted_image(record: dict) -> bool:
-    """Whether a segments record is a text→image record with a non-empty prompt."""
-    segments = record.get("segments") or []
-    return (
-        len(segments) == 2
-        and bool(segments[0].get("text"))
-        and "image" in segments[1]
-        and record.get("loss_on") == [1]
-    )
-
-
 def one_line(text: str) -> str:
     """``text`` with every run of white space (line breaks included) made one space."""
     return " ".join(text.split())
@@ -417,7 +406,8 @@ class LMDataset(IterableDataset):
             classes = row_classes(self.shards[source].row(index))
             if classes is not None:
                 eoi = seq.tokens[:, 0] == self.vocab.eoi
-                place = _prompted_image(record)
+                # a text→image record (loss on its image) with a prompt: every image position gets a target
+                place = record["loss_on"] == [1] and bool(record["segments"][0].get("text"))
                 seq.grounding = sequence_targets(seq.image_pos, eoi, classes, self.vocab.grid, place)
         return seq
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tokenizer.data.phantom_vocab import INTENSITIES, REGIONS, SIZES
+from tokenizer.data.phantom_vocab import INTENSITIES, REGIONS, SIZES, Finding
+from tokenizer.errors import InputError
 
 NUM_CLASSES = 1 + len(SIZES) * len(INTENSITIES)
 """No finding in the quadrant, or one of the size × intensity combinations."""
@@ -37,14 +38,14 @@ def finding_class(size: str, intensity: str) -> int:
 
 def region_classes(findings: list) -> np.ndarray | None:
     """(4,) int64 class of each region in :data:`REGIONS` order for ``findings`` (``{"region", "size",
-    "intensity"}`` dicts), or None when one is not in the phantom vocabulary (no grounding target then)."""
+    "intensity"}`` dicts), or None when one is not a phantom :class:`Finding` (no grounding target then)."""
+    try:
+        found = [Finding(**f) for f in findings]
+    except (InputError, TypeError):  # a value outside the vocabulary, a missing or extra key, not a dict
+        return None
     out = np.zeros(len(REGIONS), dtype=np.int64)
-    for f in findings:
-        if not isinstance(f, dict) or f.get("region") not in REGIONS:
-            return None
-        if f.get("size") not in SIZES or f.get("intensity") not in INTENSITIES:
-            return None
-        out[REGIONS.index(f["region"])] = finding_class(f["size"], f["intensity"])
+    for f in found:
+        out[REGIONS.index(f.region)] = finding_class(f.size, f.intensity)
     return out
 
 
@@ -56,13 +57,14 @@ def row_classes(row: dict) -> np.ndarray | None:
     return region_classes(attributes["findings"])
 
 
-def quadrant_map(grid: tuple[int, int]) -> np.ndarray:
-    """(h·w,) int64 index into :data:`REGIONS` of each raster position's quadrant (left/right as displayed)."""
+def quadrant_map(grid: tuple[int, int]) -> torch.Tensor:
+    """(h·w,) long index into :data:`REGIONS` of each raster position's quadrant (left/right as displayed)."""
     h, w = grid
-    rows, cols = np.divmod(np.arange(h * w), w)
-    names = np.where(cols < w / 2, "left", "right").astype(object) + " "
-    names = names + np.where(rows < h / 2, "upper", "lower")
-    return np.array([REGIONS.index(n) for n in names], dtype=np.int64)
+    rows, cols = torch.arange(h * w).div(w, rounding_mode="floor"), torch.arange(h * w) % w
+    index = torch.tensor(
+        [[REGIONS.index(f"{side} {level}") for side in ("left", "right")] for level in ("upper", "lower")]
+    )
+    return index[(rows >= h / 2).long(), (cols >= w / 2).long()]
 
 
 def sequence_targets(
@@ -80,7 +82,7 @@ def sequence_targets(
     target = torch.full((image_pos.shape[0], NUM_TARGETS), -100, dtype=torch.long)
     classes = torch.as_tensor(classes, dtype=torch.long)
     if place:
-        per_position = classes[torch.as_tensor(quadrant_map(grid))]
+        per_position = classes[quadrant_map(grid)]
         nxt = image_pos[1:]
         on = nxt >= 0  # position t predicts the image position t + 1
         target[:-1, 0][on] = per_position[nxt[on]]

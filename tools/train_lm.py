@@ -83,6 +83,11 @@ def build_system(run: TrainLMRun, vocab):
 
     if run.lm.hf_backbone is None and run.data.max_len > run.lm.max_seq_len:
         raise ValueError(f"data.max_len={run.data.max_len} exceeds lm.max_seq_len={run.lm.max_seq_len}")
+    if run.data.grounding != (run.optim.grounding_weight > 0):
+        raise ValueError(
+            f"data.grounding={run.data.grounding} with optim.grounding_weight={run.optim.grounding_weight}: "
+            "the grounding targets need both (data.grounding=true and a weight > 0) or neither"
+        )
     config = LMTrainConfig(
         model=run.lm, vocab=vocab.to_dict(), optim=run.optim, max_steps=run.trainer.max_steps
     )

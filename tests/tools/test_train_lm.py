@@ -12,9 +12,10 @@ from PIL import Image
 
 from lm import describe_image, load_model
 from lm.config import PRESETS, lm_config
+from lm.vocab import Vocab
 from tools import generate
 from tools.schemas import TrainLMRun
-from tools.train_lm import train
+from tools.train_lm import build_system, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,6 +51,18 @@ def test_every_config_composes():
         make_run()  # no tokenizer.checkpoint
     with pytest.raises(ConfigCompositionException, match="not_a_field"):
         make_run("tokenizer.checkpoint=c", "lm.not_a_field=1")
+
+
+def test_grounding_needs_its_targets_and_its_weight():
+    vocab = Vocab(300, 2, 16, (2, 2))
+    both = make_run("lm=tiny", "tokenizer.checkpoint=c", "data.grounding=true", "optim.grounding_weight=0.5")
+    assert build_system(both, vocab).grounding_head is not None
+    for half in (
+        "data.grounding=true",
+        "optim.grounding_weight=0.5",
+    ):  # targets never trained, or a head with none
+        with pytest.raises(ValueError, match="need both"):
+            build_system(make_run("lm=tiny", "tokenizer.checkpoint=c", half), vocab)
 
 
 def test_cpu_smoke_run_exports_a_model_and_the_cli_uses_it(checkpoint_and_shard, tmp_path, capsys):
