@@ -2,7 +2,7 @@
 
 For a shard row whose ``attributes`` list findings in the phantom vocabulary (region = image quadrant as
 displayed, size, intensity), each quadrant has a class: 0 when it holds no finding, else ``1 + 2 * size +
-intensity`` (indices into :data:`SIZES` and :data:`INTENSITIES`). A sequence carries them as a (T, 1 + 4)
+intensity`` (indices into :data:`SIZES` and :data:`INTENSITIES`). A sequence carries them as a (T, 1 + 4 + 1)
 target, -100 where there is none:
 
 * column 0, **place**: in a text→image record with a prompt, the hidden state that predicts an image position
@@ -11,13 +11,22 @@ target, -100 where there is none:
   finding covers (generation: a text names a place);
 * columns 1-4, **summary**: at the ``<eoi>`` of such an image, in every record, the class of each quadrant in
   :data:`REGIONS` order, so the model holds a per-region reading of the image where a question can look it
-  up (understanding: a question names a place).
+  up (understanding: a question names a place);
+* column 5, **answer**: in an image→text record, the hidden state that predicts the answer to a question
+  naming a region ("Is the lesion in the left upper region small?") predicts that region's class, whatever
+  the question asks, so every question about a region (presence, size, intensity) trains the same look-up
+  of a place from its name, with the whole class as the target instead of one yes/no.
+
+The loss is the mean over the kinds present of each kind's mean cross-entropy, so the few answer and
+summary targets of a batch weigh as much as its hundreds of place targets.
 
 A linear head kept in the training system predicts them (``LMOptimConfig.grounding_weight``); it is a training
 aid and not part of the saved model.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import torch
@@ -27,8 +36,12 @@ from tokenizer.errors import InputError
 
 NUM_CLASSES = 1 + len(SIZES) * len(INTENSITIES)
 """No finding in the quadrant, or one of the size × intensity combinations."""
-NUM_TARGETS = 1 + len(REGIONS)
-"""Columns of a sequence's grounding target: the place, then one per region."""
+NUM_TARGETS = 1 + len(REGIONS) + 1
+"""Columns of a sequence's grounding target: the place, one per region (the summary), the answer."""
+KINDS = ("place", "summary", "answer")
+COLUMN_KIND = (0, *[1] * len(REGIONS), 2)
+"""Index into :data:`KINDS` of each column."""
+_NAMED_REGION = re.compile(r"\bthe (" + "|".join(REGIONS) + r") region\b", re.IGNORECASE)
 
 
 def finding_class(size: str, intensity: str) -> int:
@@ -67,10 +80,33 @@ def quadrant_map(grid: tuple[int, int]) -> torch.Tensor:
     return index[(rows >= h / 2).long(), (cols >= w / 2).long()]
 
 
+def named_region(question: str) -> int | None:
+    """Index into :data:`REGIONS` of the region a question names ("… in the left upper region …"), or None
+    when it names none or more than one."""
+    found = {m.group(1).lower() for m in _NAMED_REGION.finditer(question)}
+    return REGIONS.index(found.pop()) if len(found) == 1 else None
+
+
+def answer_starts(labels: torch.Tensor) -> list[int]:
+    """Positions that predict the first token of each trained span of a sequence, in order.
+
+    Args:
+        labels: (T,) the sequence's next-token labels of the first sub-code, -100 where untrained.
+    """
+    on = labels != -100
+    start = on & torch.cat([torch.ones(1, dtype=torch.bool), ~on[:-1]])
+    return start.nonzero().flatten().tolist()
+
+
 def sequence_targets(
-    image_pos: torch.Tensor, eoi: torch.Tensor, classes: np.ndarray, grid: tuple[int, int], place: bool
+    image_pos: torch.Tensor,
+    eoi: torch.Tensor,
+    classes: np.ndarray,
+    grid: tuple[int, int],
+    place: bool,
+    answers: list[tuple[int, int]] = (),
 ) -> torch.Tensor:
-    """(T, 1 + 4) long grounding targets of a sequence with one image, -100 where there is none.
+    """(T, 1 + 4 + 1) long grounding targets of a sequence with one image, -100 where there is none.
 
     Args:
         image_pos: (T,) the sequence's image_pos (0..h·w-1 on image positions, -1 elsewhere).
@@ -78,6 +114,8 @@ def sequence_targets(
         classes: (4,) the image's region classes (:func:`row_classes`).
         grid: the image grid (h, w).
         place: also fill column 0 (a text→image record with a prompt).
+        answers: (position, region index) pairs for column 5: the position that predicts an answer and
+            the region its question names.
     """
     target = torch.full((image_pos.shape[0], NUM_TARGETS), -100, dtype=torch.long)
     classes = torch.as_tensor(classes, dtype=torch.long)
@@ -86,5 +124,7 @@ def sequence_targets(
         nxt = image_pos[1:]
         on = nxt >= 0  # position t predicts the image position t + 1
         target[:-1, 0][on] = per_position[nxt[on]]
-    target[eoi, 1:] = classes
+    target[eoi, 1 : 1 + len(REGIONS)] = classes
+    for position, region in answers:
+        target[position, -1] = classes[region]
     return target

@@ -196,8 +196,9 @@ class LMSystem(L.LightningModule):
         self._grounding_input = torch.nn.functional.rms_norm(output, output.shape[-1:])
 
     def grounding_loss(self, hidden: torch.Tensor, target: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        """Mean cross-entropy of the grounding head over the targets (B, T, G) that are set, and their
-        number (a batch without targets gives a zero that still touches the head, so DDP sees it used)."""
+        """Cross-entropy of the grounding head: the mean over the kinds of target (:data:`grounding.KINDS`)
+        present in the batch (B, T, G) of each kind's mean, and the number of targets set (a batch without
+        targets gives a zero that still touches the head, so DDP sees it used)."""
         weight = self.grounding_head.weight
         has = None if target is None else target != -100
         if has is None or not bool(has.any()):
@@ -205,8 +206,13 @@ class LMSystem(L.LightningModule):
         rows = has.any(-1)
         with torch.autocast(hidden.device.type, enabled=False):
             logits = torch.nn.functional.linear(hidden[rows].float(), weight.float())
-        logits = logits.view(-1, target.shape[-1], grounding.NUM_CLASSES)[has[rows]]
-        return torch.nn.functional.cross_entropy(logits, target[has]), int(has.sum())
+        logits = logits.view(-1, target.shape[-1], grounding.NUM_CLASSES)
+        ce = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), target[rows].flatten(), ignore_index=-100, reduction="none"
+        ).view(logits.shape[:2])
+        column_kind = torch.tensor(grounding.COLUMN_KIND, device=ce.device).expand_as(ce)
+        kinds = [has[rows] & (column_kind == k) for k in range(len(grounding.KINDS))]
+        return torch.stack([ce[on].mean() for on in kinds if bool(on.any())]).mean(), int(has.sum())
 
     def training_step(self, batch: Batch, batch_idx: int):
         losses, targets = self.losses(batch)

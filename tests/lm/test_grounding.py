@@ -2,9 +2,13 @@ import numpy as np
 import torch
 
 from lm.grounding import (
+    COLUMN_KIND,
+    KINDS,
     NUM_CLASSES,
     NUM_TARGETS,
+    answer_starts,
     finding_class,
+    named_region,
     quadrant_map,
     region_classes,
     row_classes,
@@ -30,7 +34,8 @@ def test_region_classes_and_quadrants():
         3,
         4,
     ]
-    assert NUM_CLASSES == 5 and NUM_TARGETS == 5
+    assert NUM_CLASSES == 5 and NUM_TARGETS == 6 and len(COLUMN_KIND) == NUM_TARGETS
+    assert [KINDS[k] for k in COLUMN_KIND] == ["place", *["summary"] * 4, "answer"]
     assert region_classes([{"region": "middle", "size": "large", "intensity": "dark"}]) is None
     assert region_classes([{"region": "left upper", "size": "huge", "intensity": "dark"}]) is None
     assert row_classes({"caption": "no attributes"}) is None
@@ -48,6 +53,24 @@ def test_sequence_targets_place_and_summary():
     got = sequence_targets(image_pos, eoi, classes, (2, 2), place=True)
     assert got.shape == (8, NUM_TARGETS)
     assert got[:, 0].tolist() == [IGNORE_INDEX, 1, 0, 3, 4, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
-    assert got[6, 1:].tolist() == [1, 0, 3, 4] and (got[torch.arange(8) != 6, 1:] == IGNORE_INDEX).all()
+    assert got[6, 1:5].tolist() == [1, 0, 3, 4] and (got[torch.arange(8) != 6, 1:5] == IGNORE_INDEX).all()
+    assert (got[:, 5] == IGNORE_INDEX).all()
     no_place = sequence_targets(image_pos, eoi, classes, (2, 2), place=False)
     assert (no_place[:, 0] == IGNORE_INDEX).all() and torch.equal(no_place[:, 1:], got[:, 1:])
+
+
+def test_answer_targets_name_the_asked_region():
+    assert named_region("Is the lesion in the right lower region small?") == 3
+    assert named_region("Is there a finding in the LEFT UPPER region?") == 0
+    assert named_region("Where is the lesion?") is None
+    assert named_region("the left upper region or the right upper region?") is None  # two regions
+    assert named_region("in the left uppermost region") is None
+    # <bos> <boi> img <eoi> q q | a a | q | a <eos>: labels set where an answer token is predicted
+    labels = torch.tensor([-100, -100, -100, -100, -100, 7, 8, -100, 9, 2])
+    assert answer_starts(labels) == [5, 8]
+    assert answer_starts(torch.tensor([3, 4, -100])) == [0]
+    image_pos = torch.tensor([-1, -1, 0, -1, -1, -1, -1, -1, -1, -1])
+    eoi = torch.zeros(10, dtype=torch.bool)
+    eoi[3] = True
+    got = sequence_targets(image_pos, eoi, np.array([1, 0, 3, 4]), (1, 1), False, [(5, 3), (8, 1)])
+    assert got[:, 5].tolist() == [IGNORE_INDEX] * 5 + [4, IGNORE_INDEX, IGNORE_INDEX, 0, IGNORE_INDEX]

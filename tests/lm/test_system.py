@@ -8,7 +8,7 @@ import torch
 
 from lm.config import lm_config
 from lm.data import LMDataConfig, LMDataModule, text_corpus
-from lm.grounding import NUM_CLASSES, NUM_TARGETS
+from lm.grounding import NUM_CLASSES, NUM_TARGETS, answer_starts, named_region
 from lm.sequence import IGNORE_INDEX
 from lm.system import LMOptimConfig, LMSystem, LMTrainConfig, cosine_schedule, param_groups
 from lm.text_tokenizer import TextTokenizer
@@ -33,7 +33,7 @@ def write_phantom_shard(directory, tokenizer, num_images: int = NUM_IMAGES):
     records = []
     for i in range(num_images):
         item = data[i]
-        qa = [{"question": q, "answer": a} for q, a in phantom_questions(data.phantom(i), rng)[:2]]
+        qa = [{"question": q, "answer": a} for q, a in phantom_questions(data.phantom(i), rng)[:3]]
         records.append(
             {
                 "source": item["source"],
@@ -264,8 +264,19 @@ def test_targets_by_record_kind(env):
             g, real = b.grounding[row], b.attention_mask[row]
             eoi = (b.tokens[row, :, 0] == vocab.eoi) & real
             assert int(eoi.sum()) == 1
-            assert (g[eoi, 1:] != IGNORE_INDEX).all() and (g[~eoi, 1:] == IGNORE_INDEX).all()
+            assert (g[eoi, 1:5] != IGNORE_INDEX).all() and (g[~eoi, 1:5] == IGNORE_INDEX).all()
             assert g[g != IGNORE_INDEX].max() < NUM_CLASSES
+            # the answer target: where an answer to a question naming a region is predicted, its class
+            starts = answer_starts(b.labels[row, :, 0])
+            vqa = not vocab.is_image(b.labels[row, :, 0]).any() and b.tokens[row, 1, 0] == vocab.boi
+            for t in (g[:, 5] != IGNORE_INDEX).nonzero().flatten().tolist():
+                assert vqa and t in starts
+                since = max([s for s in starts if s < t], default=int(eoi.nonzero()))
+                asked = env["text"].decode(b.tokens[row, since + 1 : t + 1, 0].tolist())
+                assert g[t, 5] == g[eoi, 1 + named_region(asked)].item()
+                kinds.add("answer")
+            if vqa and int((g[:, 5] != IGNORE_INDEX).sum()) == 0:
+                kinds.add("vqa without a region question")
             place = g[:, 0] != IGNORE_INDEX
             image_target = vocab.is_image(b.labels[row, :, 0])
             if b.tokens[row, 1, 0] != vocab.boi and image_target.any():  # text -> image with a prompt
@@ -274,7 +285,7 @@ def test_targets_by_record_kind(env):
             else:  # image -> text, VQA, unconditional text -> image
                 assert not place.any()
                 kinds.add("other")
-    assert kinds == {"prompted", "other"}
+    assert {"prompted", "other", "answer"} <= kinds
 
 
 def test_grounding_loss_trains_and_stays_out_of_the_model(env):
@@ -300,6 +311,16 @@ def test_grounding_loss_trains_and_stays_out_of_the_model(env):
         opt.step()
     assert float(system.losses(batch)[0]["grounding_loss"]) < 0.5 * float(first["grounding_loss"])
     assert not any("grounding" in k for k in system.model.state_dict())  # the saved model has no head
+    # each kind weighs the same however many targets it has: 30 place targets, 1 answer target
+    hidden = torch.randn(1, 31, system.model.config.dim)
+    target = torch.full((1, 31, NUM_TARGETS), IGNORE_INDEX)
+    target[0, :30, 0], target[0, 30, 5] = 2, 4
+    with torch.no_grad():
+        logits = system.grounding_head(hidden).view(1, 31, NUM_TARGETS, NUM_CLASSES)
+        place = torch.nn.functional.cross_entropy(logits[0, :30, 0], target[0, :30, 0])
+        answer = torch.nn.functional.cross_entropy(logits[0, 30:, 5], target[0, 30:, 5])
+        got, n = system.grounding_loss(hidden, target)
+    assert n == 31 and float(got) == pytest.approx(float((place + answer) / 2), rel=1e-5)
     no_targets = type(batch)(batch.tokens, batch.labels, batch.image_pos, batch.attention_mask)
     zero, n = system.grounding_loss(system(no_targets).hidden, no_targets.grounding)
     assert n == 0 and float(zero.detach()) == 0 and zero.requires_grad
