@@ -10,6 +10,7 @@ weights_only=True)`` needs neither Hydra nor pickled classes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -49,11 +50,14 @@ class LMOptimConfig:
     image_weight: float = 1.0
     """Weight of the image (depth head) cross-entropy."""
     grounding_weight: float = 0.0
-    """Weight of the grounding cross-entropy (:mod:`lm.grounding`; targets from ``data.grounding``): a
-    linear head kept in the training system, not in the saved model. 0 = no head."""
+    """Weight of each kind of grounding target's mean cross-entropy (:mod:`lm.grounding`; targets from
+    ``data.grounding``): a linear head kept in the training system, not in the saved model. 0 = no head."""
     grounding_layer: int = 0
-    """Backbone block (1-based, native backbone) whose output, RMS-normalised, feeds the grounding head;
-    0 = the final hidden states."""
+    """Backbone block (1-based, native backbone) whose output, RMS-normalised, feeds the grounding head's
+    place and summary targets; 0 = the final hidden states."""
+    grounding_answer_layer: int | None = None
+    """The same for the answer targets; None = ``grounding_layer``. A block after ``grounding_layer`` lets
+    the answer read the summary that block left at ``<eoi>``."""
     skip_nonfinite: bool = True
     """Skip (and log) a step whose loss is NaN/Inf, or a spike (see ``spike_factor``), instead of applying it."""
     spike_factor: float = 10.0
@@ -72,10 +76,10 @@ class LMOptimConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"optim.{name}: expected a finite value >= 0, got {value}")
-        if self.grounding_layer < 0:
-            raise ValueError(
-                f"optim.grounding_layer: expected 0 (final) or a block number >= 1, got {self.grounding_layer}"
-            )
+        for name in ("grounding_layer", "grounding_answer_layer"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"optim.{name}: expected 0 (final) or a block number >= 1, got {value}")
         if self.text_weight == 0 and self.image_weight == 0:
             raise ValueError("optim: text_weight and image_weight are both 0; nothing to train")
 
@@ -138,20 +142,21 @@ class LMSystem(L.LightningModule):
         self.save_hyperparameters({"config": config.to_dict()})
         self.model = DecoderLM(config.model, self.vocab)
         self.grounding_head = None
+        self._grounding_inputs: dict[int, torch.Tensor] = {}
         if config.optim.grounding_weight > 0:
             width = grounding.NUM_TARGETS * grounding.NUM_CLASSES
             self.grounding_head = torch.nn.Linear(self.model.config.dim, width, bias=False)
             torch.nn.init.normal_(self.grounding_head.weight, std=0.02)
-            if config.optim.grounding_layer:
-                blocks = getattr(self.model.backbone, "blocks", [])
-                if config.optim.grounding_layer > len(blocks):
+            blocks = getattr(self.model.backbone, "blocks", [])
+            for name in ("grounding_layer", "grounding_answer_layer"):
+                layer = getattr(config.optim, name)
+                if layer is not None and layer > len(blocks):
                     raise ValueError(
-                        f"optim.grounding_layer={config.optim.grounding_layer}: the native backbone has "
-                        f"{len(blocks)} blocks (a Hugging Face backbone takes 0, the final states)"
+                        f"optim.{name}={layer}: the native backbone has {len(blocks)} blocks (a Hugging Face "
+                        "backbone takes 0, the final states)"
                     )
-                block = blocks[config.optim.grounding_layer - 1]
-                block.register_forward_hook(self._keep_grounding_input)
-        self._grounding_input = None
+            for layer in {layer for layer in self.grounding_layers() if layer}:
+                blocks[layer - 1].register_forward_hook(functools.partial(self._keep_grounding_input, layer))
         self.skipped_steps = 0
         self.loss_guard = LossGuard(config.optim.spike_factor)
 
@@ -185,34 +190,43 @@ class LMSystem(L.LightningModule):
         n_text, n_image = out.num_text_targets, out.num_image_targets
         targets = {"text_loss": n_text, "image_loss": n_image, "z_loss": n_text}
         if self.grounding_head is not None:
-            hidden = out.hidden if self._grounding_input is None else self._grounding_input
-            self._grounding_input = None
-            g_loss, targets["grounding_loss"] = self.grounding_loss(hidden, batch.grounding)
+            states = [self._grounding_inputs.get(layer, out.hidden) for layer in self.grounding_layers()]
+            self._grounding_inputs.clear()
+            g_loss, targets["grounding_loss"] = self.grounding_loss(states, batch.grounding)
             losses["loss"] = losses["loss"] + o.grounding_weight * g_loss
             losses["grounding_loss"] = g_loss.detach()
         return losses, targets
 
-    def _keep_grounding_input(self, module, args, output) -> None:
-        self._grounding_input = torch.nn.functional.rms_norm(output, output.shape[-1:])
+    def grounding_layers(self) -> tuple[int, ...]:
+        """The block (0 = final states) whose output feeds each kind of grounding target (``grounding.KINDS``)."""
+        o = self.config.optim
+        answer = o.grounding_layer if o.grounding_answer_layer is None else o.grounding_answer_layer
+        return tuple(answer if kind == "answer" else o.grounding_layer for kind in grounding.KINDS)
 
-    def grounding_loss(self, hidden: torch.Tensor, target: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        """Cross-entropy of the grounding head: the mean over the kinds of target (:data:`grounding.KINDS`)
-        present in the batch (B, T, G) of each kind's mean, and the number of targets set (a batch without
-        targets gives a zero that still touches the head, so DDP sees it used)."""
-        weight = self.grounding_head.weight
-        has = None if target is None else target != -100
-        if has is None or not bool(has.any()):
-            return weight.sum() * 0.0, 0
-        rows = has.any(-1)
-        with torch.autocast(hidden.device.type, enabled=False):
-            logits = torch.nn.functional.linear(hidden[rows].float(), weight.float())
-        logits = logits.view(-1, target.shape[-1], grounding.NUM_CLASSES)
-        ce = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), target[rows].flatten(), ignore_index=-100, reduction="none"
-        ).view(logits.shape[:2])
-        column_kind = torch.tensor(grounding.COLUMN_KIND, device=ce.device).expand_as(ce)
-        kinds = [has[rows] & (column_kind == k) for k in range(len(grounding.KINDS))]
-        return torch.stack([ce[on].mean() for on in kinds if bool(on.any())]).mean(), int(has.sum())
+    def _keep_grounding_input(self, layer: int, module, args, output) -> None:
+        self._grounding_inputs[layer] = torch.nn.functional.rms_norm(output, output.shape[-1:])
+
+    def grounding_loss(
+        self, states: list[torch.Tensor], target: torch.Tensor | None
+    ) -> tuple[torch.Tensor, int]:
+        """Cross-entropy of the grounding head: the sum over the kinds of target (``grounding.KINDS``)
+        present in the batch (B, T, G) of each kind's mean, the kind's head rows applied to its states in
+        ``states`` (one (B, T, D) per kind); and the number of targets set (a batch without targets gives a
+        zero that still touches the head, so DDP sees it used)."""
+        weight = self.grounding_head.weight.view(grounding.NUM_TARGETS, grounding.NUM_CLASSES, -1)
+        total, count = weight.sum() * 0.0, 0
+        for kind, hidden in enumerate(states):
+            columns = [c for c, k in enumerate(grounding.COLUMN_KIND) if k == kind]
+            t = target[..., columns] if target is not None else None
+            has = None if t is None else t != -100
+            if has is None or not bool(has.any()):
+                continue
+            rows = has.any(-1)
+            with torch.autocast(hidden.device.type, enabled=False):
+                logits = torch.einsum("nd,ckd->nck", hidden[rows].float(), weight[columns].float())
+            total = total + torch.nn.functional.cross_entropy(logits[has[rows]], t[rows][has[rows]])
+            count += int(has.sum())
+        return total, count
 
     def training_step(self, batch: Batch, batch_idx: int):
         losses, targets = self.losses(batch)
