@@ -52,6 +52,11 @@ class LMOptimConfig:
     grounding_weight: float = 0.0
     """Weight of each kind of grounding target's mean cross-entropy (:mod:`lm.grounding`; targets from
     ``data.grounding``): a linear head kept in the training system, not in the saved model. 0 = no head."""
+    grounding_kind_weights: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {kind: 1.0 for kind in grounding.KINDS}
+    )
+    """Factor on ``grounding_weight`` per kind of target (``place``, ``summary``, ``answer``; a kind left
+    out has 1)."""
     grounding_layer: int = 0
     """Backbone block (1-based, native backbone) whose output, RMS-normalised, feeds the grounding head's
     place and summary targets; 0 = the final hidden states."""
@@ -76,6 +81,14 @@ class LMOptimConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"optim.{name}: expected a finite value >= 0, got {value}")
+        unknown = set(self.grounding_kind_weights) - set(grounding.KINDS)
+        values = self.grounding_kind_weights.values()
+        if unknown or not all(math.isfinite(w) and w >= 0 for w in values):
+            raise ValueError(
+                f"optim.grounding_kind_weights: expected {grounding.KINDS} mapped to finite values >= 0, "
+                f"got {dict(self.grounding_kind_weights)}"
+            )
+        self.grounding_kind_weights = dict(self.grounding_kind_weights)
         for name in ("grounding_layer", "grounding_answer_layer"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -210,7 +223,7 @@ class LMSystem(L.LightningModule):
         self, states: list[torch.Tensor], target: torch.Tensor | None
     ) -> tuple[torch.Tensor, int]:
         """Cross-entropy of the grounding head: the sum over the kinds of target (``grounding.KINDS``)
-        present in the batch (B, T, G) of each kind's mean, the kind's head rows applied to its states in
+        present in the batch (B, T, G) of each kind's mean times its ``grounding_kind_weights``, the kind's head rows applied to its states in
         ``states`` (one (B, T, D) per kind); and the number of targets set (a batch without targets gives a
         zero that still touches the head, so DDP sees it used)."""
         weight = self.grounding_head.weight.view(grounding.NUM_TARGETS, grounding.NUM_CLASSES, -1)
@@ -224,7 +237,8 @@ class LMSystem(L.LightningModule):
             rows = has.any(-1)
             with torch.autocast(hidden.device.type, enabled=False):
                 logits = torch.einsum("nd,ckd->nck", hidden[rows].float(), weight[columns].float())
-            total = total + torch.nn.functional.cross_entropy(logits[has[rows]], t[rows][has[rows]])
+            factor = self.config.optim.grounding_kind_weights.get(grounding.KINDS[kind], 1.0)
+            total = total + factor * torch.nn.functional.cross_entropy(logits[has[rows]], t[rows][has[rows]])
             count += int(has.sum())
         return total, count
 

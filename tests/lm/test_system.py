@@ -360,3 +360,25 @@ def test_grounding_head_on_an_inner_block(env):
             LMSystem(LMTrainConfig(cfg.model, cfg.vocab, LMOptimConfig(grounding_weight=1.0, **{name: 9}), 2))
         with pytest.raises(ValueError, match=name):
             LMOptimConfig(**{name: -1})
+
+
+def test_grounding_kind_weights(env):
+    cfg = train_config(env, max_steps=2)
+    optim = LMOptimConfig(grounding_weight=1.0, grounding_kind_weights={"summary": 0.0, "answer": 0.25})
+    system = LMSystem(LMTrainConfig(cfg.model, cfg.vocab, optim, 2))
+    hidden = torch.randn(1, 3, system.model.config.dim)
+    target = torch.full((1, 3, NUM_TARGETS), IGNORE_INDEX)
+    target[0, 0, 0], target[0, 1, 1], target[0, 2, 5] = 2, 1, 4  # place, summary, answer
+    with torch.no_grad():
+        logits = system.grounding_head(hidden).view(3, NUM_TARGETS, NUM_CLASSES)
+        place = torch.nn.functional.cross_entropy(logits[0:1, 0], target[0, 0:1, 0])
+        answer = torch.nn.functional.cross_entropy(logits[2:3, 5], target[0, 2:3, 5])
+        got, n = system.grounding_loss([hidden] * 3, target)
+    assert n == 3 and float(got) == pytest.approx(float(place + 0.25 * answer), rel=1e-5)
+    assert LMTrainConfig.from_dict(system.config.to_dict()).optim.grounding_kind_weights == {
+        "summary": 0.0,
+        "answer": 0.25,
+    }
+    for bad in ({"region": 1.0}, {"answer": -1.0}, {"place": float("nan")}):
+        with pytest.raises(ValueError, match="grounding_kind_weights"):
+            LMOptimConfig(grounding_kind_weights=bad)
