@@ -29,6 +29,11 @@ from tokenizer.system import cosine_schedule, param_groups
 log = logging.getLogger(__name__)
 
 
+DEFAULT_KIND_WEIGHTS = {"place": 1.0, "summary": 0.025, "answer": 0.0}
+"""The balance of the grounding kinds in the best run so far (lm37 in docs/BENCHMARKS.md, whose loss was the
+mean over all targets: ~2.5 % of them summaries, no answers); the answer targets are opt-in (lm40-lm42)."""
+
+
 @dataclass
 class LMOptimConfig:
     """AdamW (β 0.9, 0.95) with linear warm-up then cosine decay to ``min_lr_ratio``; loss weights."""
@@ -53,10 +58,10 @@ class LMOptimConfig:
     """Weight of each kind of grounding target's mean cross-entropy (:mod:`lm.grounding`; targets from
     ``data.grounding``): a linear head kept in the training system, not in the saved model. 0 = no head."""
     grounding_kind_weights: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {kind: 1.0 for kind in grounding.KINDS}
+        default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS)
     )
-    """Factor on ``grounding_weight`` per kind of target (``place``, ``summary``, ``answer``; a kind left
-    out has 1)."""
+    """Factor on ``grounding_weight`` per kind of target (``place``, ``summary``, ``answer``; a kind left out
+    keeps its default, :data:`DEFAULT_KIND_WEIGHTS`)."""
     grounding_layer: int = 0
     """Backbone block (1-based, native backbone) whose output, RMS-normalised, feeds the grounding head's
     place and summary targets; 0 = the final hidden states."""
@@ -88,7 +93,7 @@ class LMOptimConfig:
                 f"optim.grounding_kind_weights: expected {grounding.KINDS} mapped to finite values >= 0, "
                 f"got {dict(self.grounding_kind_weights)}"
             )
-        self.grounding_kind_weights = dict(self.grounding_kind_weights)
+        self.grounding_kind_weights = {**DEFAULT_KIND_WEIGHTS, **self.grounding_kind_weights}
         for name in ("grounding_layer", "grounding_answer_layer"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -237,7 +242,7 @@ class LMSystem(L.LightningModule):
             rows = has.any(-1)
             with torch.autocast(hidden.device.type, enabled=False):
                 logits = torch.einsum("nd,ckd->nck", hidden[rows].float(), weight[columns].float())
-            factor = self.config.optim.grounding_kind_weights.get(grounding.KINDS[kind], 1.0)
+            factor = self.config.optim.grounding_kind_weights[grounding.KINDS[kind]]
             total = total + factor * torch.nn.functional.cross_entropy(logits[has[rows]], t[rows][has[rows]])
             count += int(has.sum())
         return total, count

@@ -10,7 +10,14 @@ from lm.config import lm_config
 from lm.data import LMDataConfig, LMDataModule, text_corpus
 from lm.grounding import COLUMN_KIND, NUM_CLASSES, NUM_TARGETS, answer_starts, named_region
 from lm.sequence import IGNORE_INDEX
-from lm.system import LMOptimConfig, LMSystem, LMTrainConfig, cosine_schedule, param_groups
+from lm.system import (
+    DEFAULT_KIND_WEIGHTS,
+    LMOptimConfig,
+    LMSystem,
+    LMTrainConfig,
+    cosine_schedule,
+    param_groups,
+)
 from lm.text_tokenizer import TextTokenizer
 from lm.vocab import Vocab
 from tokenizer.api import create_tokenizer
@@ -247,6 +254,9 @@ def test_val_losses_are_means_over_targets(env):
 
 
 # ------------------------------------------------------------------ grounding targets (lm.grounding)
+EQUAL = {"place": 1.0, "summary": 1.0, "answer": 1.0}
+
+
 def _batches(env, **cfg):
     data = LMDataConfig(**{**vars(env["data"]), **cfg})
     dm = LMDataModule(data, env["text"], env["vocab"])
@@ -292,7 +302,10 @@ def test_grounding_loss_trains_and_stays_out_of_the_model(env):
     batch = next(b for b in _batches(env, grounding=True, image_first=0.0) if b.grounding is not None)
     cfg = train_config(env, max_steps=20)
     cfg = LMTrainConfig(
-        cfg.model, cfg.vocab, LMOptimConfig(lr=3e-3, warmup_steps=0, grounding_weight=0.5), 20
+        cfg.model,
+        cfg.vocab,
+        LMOptimConfig(lr=3e-3, warmup_steps=0, grounding_weight=0.5, grounding_kind_weights=EQUAL),
+        20,
     )
     torch.manual_seed(0)
     system = LMSystem(cfg)
@@ -335,7 +348,9 @@ def test_grounding_head_on_an_inner_block(env):
     cfg = train_config(env, max_steps=2)
     assert (batch.grounding[..., 5] != IGNORE_INDEX).any()  # answer targets in the batch
     # place and summary from block 1, answers from block 2
-    inner = LMOptimConfig(grounding_weight=1.0, grounding_layer=1, grounding_answer_layer=2)
+    inner = LMOptimConfig(
+        grounding_weight=1.0, grounding_layer=1, grounding_answer_layer=2, grounding_kind_weights=EQUAL
+    )
     system = LMSystem(LMTrainConfig(cfg.model, cfg.vocab, inner, 2))
     assert system.grounding_layers() == (1, 1, 2)
     captured = {}
@@ -375,10 +390,8 @@ def test_grounding_kind_weights(env):
         answer = torch.nn.functional.cross_entropy(logits[2:3, 5], target[0, 2:3, 5])
         got, n = system.grounding_loss([hidden] * 3, target)
     assert n == 3 and float(got) == pytest.approx(float(place + 0.25 * answer), rel=1e-5)
-    assert LMTrainConfig.from_dict(system.config.to_dict()).optim.grounding_kind_weights == {
-        "summary": 0.0,
-        "answer": 0.25,
-    }
+    weights = {"place": DEFAULT_KIND_WEIGHTS["place"], "summary": 0.0, "answer": 0.25}  # place kept
+    assert LMTrainConfig.from_dict(system.config.to_dict()).optim.grounding_kind_weights == weights
     for bad in ({"region": 1.0}, {"answer": -1.0}, {"place": float("nan")}):
         with pytest.raises(ValueError, match="grounding_kind_weights"):
             LMOptimConfig(grounding_kind_weights=bad)
