@@ -17,8 +17,8 @@ target, -100 where there is none:
   the question asks, so every question about a region (presence, size, intensity) trains the same look-up
   of a place from its name, with the whole class as the target instead of one yes/no.
 
-The loss is the mean over the kinds present of each kind's mean cross-entropy, so the few answer and
-summary targets of a batch weigh as much as its hundreds of place targets.
+The loss sums each kind's mean cross-entropy times its weight (``LMOptimConfig.grounding_kind_weights``), so
+the few summary and answer targets of a batch do not weigh by their count against its hundreds of place ones.
 
 A linear head kept in the training system predicts them (``LMOptimConfig.grounding_weight``); it is a training
 aid and not part of the saved model.

@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_KIND_WEIGHTS = {"place": 1.0, "summary": 0.025, "answer": 0.0}
-"""The balance of the grounding kinds in the best run so far (lm37 in docs/BENCHMARKS.md, whose loss was the
-mean over all targets: ~2.5 % of them summaries, no answers); the answer targets are opt-in (lm40-lm42)."""
+"""Near the balance of the best run so far (lm37 in docs/BENCHMARKS.md, whose loss was the mean over all its
+targets, ~4 % of them summaries, no answers); the answer targets are opt-in (lm40-lm42 there)."""
 
 
 @dataclass
@@ -227,17 +227,17 @@ class LMSystem(L.LightningModule):
     def grounding_loss(
         self, states: list[torch.Tensor], target: torch.Tensor | None
     ) -> tuple[torch.Tensor, int]:
-        """Cross-entropy of the grounding head: the sum over the kinds of target (``grounding.KINDS``)
-        present in the batch (B, T, G) of each kind's mean times its ``grounding_kind_weights``, the kind's head rows applied to its states in
-        ``states`` (one (B, T, D) per kind); and the number of targets set (a batch without targets gives a
-        zero that still touches the head, so DDP sees it used)."""
+        """Cross-entropy of the grounding head over the targets (B, T, G): the sum over the kinds of target
+        (``grounding.KINDS``) present of the kind's mean times its ``grounding_kind_weights``, the kind's head
+        rows applied to its states (``states``: one (B, T, D) per kind); and the number of targets set (a batch
+        without targets gives a zero that still touches the head, so DDP sees it used)."""
         weight = self.grounding_head.weight.view(grounding.NUM_TARGETS, grounding.NUM_CLASSES, -1)
         total, count = weight.sum() * 0.0, 0
-        for kind, hidden in enumerate(states):
+        for kind, hidden in enumerate(states if target is not None else []):
             columns = [c for c, k in enumerate(grounding.COLUMN_KIND) if k == kind]
-            t = target[..., columns] if target is not None else None
-            has = None if t is None else t != -100
-            if has is None or not bool(has.any()):
+            t = target[..., columns]
+            has = t != -100
+            if not bool(has.any()):
                 continue
             rows = has.any(-1)
             with torch.autocast(hidden.device.type, enabled=False):
