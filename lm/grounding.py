@@ -26,11 +26,10 @@ aid and not part of the saved model.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 
+from tokenizer.data.phantom_text import named_regions
 from tokenizer.data.phantom_vocab import INTENSITIES, REGIONS, SIZES, Finding
 from tokenizer.errors import InputError
 
@@ -41,7 +40,6 @@ NUM_TARGETS = 1 + len(REGIONS) + 1
 KINDS = ("place", "summary", "answer")
 COLUMN_KIND = (0, *[1] * len(REGIONS), 2)
 """Index into :data:`KINDS` of each column."""
-_NAMED_REGION = re.compile(r"\bthe (" + "|".join(REGIONS) + r") region\b", re.IGNORECASE)
 
 
 def finding_class(size: str, intensity: str) -> int:
@@ -83,7 +81,7 @@ def quadrant_map(grid: tuple[int, int]) -> torch.Tensor:
 def named_region(question: str) -> int | None:
     """Index into :data:`REGIONS` of the region a question names ("… in the left upper region …"), or None
     when it names none or more than one."""
-    found = {m.group(1).lower() for m in _NAMED_REGION.finditer(question)}
+    found = named_regions(question)
     return REGIONS.index(found.pop()) if len(found) == 1 else None
 
 

@@ -173,7 +173,13 @@ class LMSystem(L.LightningModule):
                         f"optim.{name}={layer}: the native backbone has {len(blocks)} blocks (a Hugging Face "
                         "backbone takes 0, the final states)"
                     )
-            for layer in {layer for layer in self.grounding_layers() if layer}:
+            weights = config.optim.grounding_kind_weights
+            used = {
+                layer
+                for kind, layer in zip(grounding.KINDS, self.grounding_layers(), strict=True)
+                if weights[kind] > 0
+            }
+            for layer in used - {0}:  # a kind of weight 0 costs nothing: no hook, no loss
                 blocks[layer - 1].register_forward_hook(functools.partial(self._keep_grounding_input, layer))
         self.skipped_steps = 0
         self.loss_guard = LossGuard(config.optim.spike_factor)
@@ -229,20 +235,20 @@ class LMSystem(L.LightningModule):
     ) -> tuple[torch.Tensor, int]:
         """Cross-entropy of the grounding head over the targets (B, T, G): the sum over the kinds of target
         (``grounding.KINDS``) present of the kind's mean times its ``grounding_kind_weights``, the kind's head
-        rows applied to its states (``states``: one (B, T, D) per kind); and the number of targets set (a batch
-        without targets gives a zero that still touches the head, so DDP sees it used)."""
+        rows applied to its states (``states``: one (B, T, D) per kind); and the number of targets of the kinds
+        weighted above 0 (a batch without any gives a zero that still touches the head, so DDP sees it used)."""
         weight = self.grounding_head.weight.view(grounding.NUM_TARGETS, grounding.NUM_CLASSES, -1)
         total, count = weight.sum() * 0.0, 0
         for kind, hidden in enumerate(states if target is not None else []):
+            factor = self.config.optim.grounding_kind_weights[grounding.KINDS[kind]]
             columns = [c for c, k in enumerate(grounding.COLUMN_KIND) if k == kind]
             t = target[..., columns]
             has = t != -100
-            if not bool(has.any()):
+            if factor == 0 or not bool(has.any()):
                 continue
             rows = has.any(-1)
             with torch.autocast(hidden.device.type, enabled=False):
                 logits = torch.einsum("nd,ckd->nck", hidden[rows].float(), weight[columns].float())
-            factor = self.config.optim.grounding_kind_weights[grounding.KINDS[kind]]
             total = total + factor * torch.nn.functional.cross_entropy(logits[has[rows]], t[rows][has[rows]])
             count += int(has.sum())
         return total, count

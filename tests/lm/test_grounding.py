@@ -65,6 +65,7 @@ def test_answer_targets_name_the_asked_region():
     assert named_region("Where is the lesion?") is None
     assert named_region("the left upper region or the right upper region?") is None  # two regions
     assert named_region("in the left uppermost region") is None
+    assert named_region("Is the finding in the upper-right quadrant large?") == 1  # parse_caption's phrasings
     # <bos> <boi> img <eoi> q q | a a | q | a <eos>: labels set where an answer token is predicted
     labels = torch.tensor([-100, -100, -100, -100, -100, 7, 8, -100, 9, 2])
     assert answer_starts(labels) == [5, 8]

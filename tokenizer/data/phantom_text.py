@@ -194,6 +194,12 @@ def _region_of(match: re.Match) -> str:
     return f"{side} {level}"
 
 
+def named_regions(text: str) -> set[str]:
+    """The :data:`REGIONS` a text names, in any of the phrasings ``parse_caption`` reads ("left upper",
+    "upper-left", …)."""
+    return {_region_of(m) for m in _REGION_RE.finditer(str(text).lower())}
+
+
 # ----------------------------------------------------------------------------- closed VQA
 
 _MODALITY_ANSWERS = {"ct": "CT", "mr": "MR", "xray": "X-ray", "fundus": "fundus", "histology": "histology"}
