@@ -12,9 +12,14 @@ Tasks (mixed per epoch by ``LMDataConfig.mix``):
   one pass over the image teaches every answer, as in LLaVA's multi-turn instruction data. With probability
   ``vqa_report_first`` the record first has the model write the row's caption as a one-line report
   (:data:`REPORT_FIRST_INSTRUCTION`), then answer: describe-then-answer, which ``describe_image(...,
-  report_first=True)`` follows at inference.
+  report_first=True)`` follows at inference. With ``vqa_explain`` the yes/no answers about a region's size or
+  intensity name the seen value first ("small, so no"; :func:`explain`).
 * ``records``: JSONL segment / chat records (interleaved documents), images referenced as ``"<shard>:<row>"``
   where ``<shard>`` is the shard directory's name.
+* ``compare``: the last step of each explained answer as a text-only record: the question and the seen value
+  given, loss on the yes/no (:func:`compare_record`). A yes/no answer is the XOR of the asked and the seen
+  value, which the answers alone do not teach a small LM in a CPU budget (docs/BENCHMARKS.md); these records
+  are a few dozen tokens each, so batches of them (``group_by_task``) cost little.
 
 With ``grounding`` the sequences of rows whose ``attributes`` list phantom findings also carry the auxiliary
 targets of :mod:`lm.grounding` (what each region holds; in text→image records, at every image position; in VQA
@@ -47,13 +52,14 @@ from lm.grounding import answer_starts, named_region, row_classes, sequence_targ
 from lm.sequence import RecordRejected, Sequence, build_sequence, pack
 from lm.text_tokenizer import TextTokenizer
 from lm.vocab import Vocab
+from tokenizer.data.phantom_text import seen_value
 from tokenizer.data.resumable import PassPosition
 from tokenizer.errors import InputError
 from tokenizer.shards import CodeShard
 
 log = logging.getLogger(__name__)
 
-TASKS = ("caption", "vqa", "records")
+TASKS = ("caption", "vqa", "records", "compare")
 IMAGE_TO_TEXT_INSTRUCTIONS: tuple[str, ...] = (
     "Describe the image.",
     "Write a short report for this image.",
@@ -71,6 +77,8 @@ TEXT_TO_IMAGE_TEMPLATES: tuple[str, ...] = (
 """Prompts of text→image records; the first is the one inference uses."""
 REPORT_FIRST_INSTRUCTION = "Describe the image, then answer the questions."
 """Instruction of describe-then-answer VQA records: a one-line report, then the question/answer turns."""
+EXPLAINED_ANSWER = "{value}, so {answer}"
+"""An explained yes/no answer: the seen value, then the verdict."""
 DEFAULT_MODALITY = "medical"
 MAX_REPLACEMENTS = 64  # consecutive bad items tolerated before giving up
 MIN_SEEN_FOR_LIMIT = 100  # records seen before the bad fraction is checked mid-epoch
@@ -157,6 +165,37 @@ def vqa_record(
     return {"segments": segments, "loss_on": loss_on}
 
 
+def explain(entries: list) -> list:
+    """``{"question", "answer"}`` entries with the yes/no answers about a size or an intensity in the form
+    :data:`EXPLAINED_ANSWER` ("Is the lesion in the left upper region large?" -> "small, so no"); every other
+    entry (and any malformed one, left for :func:`vqa_record` to reject) as it is."""
+    out = []
+    for qa in entries:
+        value = seen_value(qa["question"], qa["answer"]) if _is_qa(qa) else None
+        if value is not None:
+            qa = {**qa, "answer": EXPLAINED_ANSWER.format(value=value, answer=qa["answer"].strip().lower())}
+        out.append(qa)
+    return out
+
+
+def _is_qa(qa) -> bool:
+    return isinstance(qa, dict) and all(isinstance(qa.get(k), str) for k in ("question", "answer"))
+
+
+def compare_record(question: str, answer: str) -> dict:
+    """Text only: ``<bos> question\\n value, so`` given, loss on `` yes`` / `` no`` (and ``<eos>``): the last
+    step of the explained answer to ``question``, in the words that follow the image in a VQA record.
+    RecordRejected for a question :func:`~tokenizer.data.phantom_text.seen_value` cannot explain."""
+    value = seen_value(question, answer)
+    if value is None:
+        raise RecordRejected(
+            "bad_record", f"not a yes/no question about a size or intensity: {question!r:.80}"
+        )
+    given, _, verdict = EXPLAINED_ANSWER.format(value=value, answer=answer.strip().lower()).rpartition(" ")
+    segments = [{"text": f"{question.strip()}\n"}, {"text": given}, {"text": f" {verdict}"}]
+    return {"segments": segments, "loss_on": [2]}
+
+
 def text_corpus(shard: CodeShard | str | os.PathLike) -> list[str]:
     """Text to train the default BPE on: captions, QA questions and answers, and the fixed phrasings."""
     shard = shard if isinstance(shard, CodeShard) else CodeShard(shard)
@@ -202,7 +241,7 @@ class LMDataConfig:
     val_record_files: list[str] = field(default_factory=list)
     """JSONL record files for validation."""
     mix: dict[str, float] = field(default_factory=lambda: {"caption": 1.0, "vqa": 1.0, "records": 1.0})
-    """Times each task's items appear per epoch (tasks: caption, vqa, records; 0.5 = a random half)."""
+    """Times each task's items appear per epoch (tasks: caption, vqa, records, compare; 0.5 = a random half)."""
     image_first: float = 0.5
     """Probability that a caption pair becomes image→text rather than text→image."""
     cond_dropout: float = 0.1
@@ -212,6 +251,9 @@ class LMDataConfig:
     vqa_report_first: float = 0.0
     """Probability that a ``vqa`` record of a captioned row opens with the caption as a one-line report
     (describe-then-answer, ``describe_image(..., report_first=True)``); the others ask directly."""
+    vqa_explain: bool = False
+    """Yes/no answers about a region's size or intensity name the seen value first ("small, so no"; needed by
+    the ``compare`` task)."""
     grounding: bool = False
     """Grounding targets (:mod:`lm.grounding`) for the records of rows whose ``attributes`` list phantom
     findings: each region's finding at ``<eoi>``, and in text→image records each image position's; trained
@@ -243,6 +285,10 @@ class LMDataConfig:
         if unknown or any(w < 0 for w in self.mix.values()) or not sum(self.mix.values()) > 0:
             raise ValueError(
                 f"mix must map tasks {TASKS} to weights >= 0 with a positive sum, got {dict(self.mix)}"
+            )
+        if self.mix.get("compare", 0) > 0 and not self.vqa_explain:
+            raise ValueError(
+                f"mix.compare={self.mix['compare']} trains the last step of explained answers; set vqa_explain=true"
             )
         for name in ("image_first", "cond_dropout", "vqa_report_first", "max_bad_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -310,6 +356,13 @@ class LMDataset(IterableDataset):
                 qa = row.get("qa")
                 if isinstance(qa, list) and qa:
                     items["vqa"] += [(s, i, j) for j in range(0, len(qa), self._turns(qa))]
+                    # only when trained: a task without items draws nothing, so older configs keep their plans
+                    if self.config.mix.get("compare", 0) > 0:
+                        items["compare"] += [
+                            (s, i, j)
+                            for j, e in enumerate(qa)
+                            if _is_qa(e) and seen_value(e["question"], e["answer"])
+                        ]
         for f, (_, lines) in enumerate(self.record_files):
             items["records"] += [(f, n, 0) for n, line in enumerate(lines) if line.strip()]
         return {t: np.asarray(v, dtype=np.int64).reshape(-1, 3) for t, v in items.items()}
@@ -379,8 +432,11 @@ class LMDataset(IterableDataset):
         ref = f"{shard.name}:{index}"
         row = shard.row(index)
         cfg = self.config
+        if TASKS[task] == "compare":
+            return compare_record(row["qa"][sub]["question"], row["qa"][sub]["answer"]), f"{ref} qa {sub}"
         if TASKS[task] == "vqa":
             entries = row["qa"][sub : sub + self._turns(row["qa"])]
+            entries = explain(entries) if cfg.vqa_explain else entries
             caption = row.get("caption")
             has_caption = isinstance(caption, str) and bool(caption.strip())
             # no draw when the option is off, so the plans of older configs stay as they were
@@ -403,7 +459,7 @@ class LMDataset(IterableDataset):
             where=where,
         )
         task, source, index, _ = (int(v) for v in plan[position])
-        if cfg.grounding and TASKS[task] != "records":
+        if cfg.grounding and TASKS[task] in ("caption", "vqa"):
             classes = row_classes(self.shards[source].row(index))
             if classes is not None:
                 eoi = seq.tokens[:, 0] == self.vocab.eoi

@@ -4,7 +4,8 @@ Captions name findings the way a reader of each modality would (nodule / cyst, l
 lucency, exudate / hemorrhage, clear area / nuclear cluster; hyperdense, hyperintense, radiopaque, ...);
 ``parse_caption`` maps every such synonym back to the fixed vocabulary of
 :mod:`tokenizer.data.phantom_vocab`. ``phantom_questions`` asks closed questions about a phantom, answered
-from ``ANSWERS``; ``answer_matches`` scores a model's free-text answer against the truth.
+from ``ANSWERS``; ``answer_matches`` scores a model's free-text answer against the truth; ``seen_value``
+gives the value a yes/no answer about a size or an intensity implies, for answers that say it first.
 """
 
 from __future__ import annotations
@@ -301,3 +302,26 @@ def phantom_questions(phantom: Phantom, rng: np.random.Generator) -> list[tuple[
     if len(phantom.findings) == 1:
         qa.append((f"Where is the {noun}?", phantom.findings[0].region))
     return qa
+
+
+_ATTRIBUTE_QUESTION = re.compile(r"is the (?:finding|lesion|abnormality) in the .+ region (\w+)\?")
+
+
+def seen_value(question: str, answer: str) -> str | None:
+    """The size or intensity that a yes/no answer to a ``phantom_questions`` attribute question implies, or None
+    for every other question.
+
+    "Is the lesion in the left upper region large?" answered "no" -> "small"; answered "yes" -> "large". A
+    yes/no answer is the XOR of the asked and the seen value; an answer that names the seen value first
+    ("small, so no") splits it into reading the image and comparing two words (``lm.data``'s
+    ``vqa_explain``).
+    """
+    match = _ATTRIBUTE_QUESTION.fullmatch(question.strip().lower())
+    verdict = answer.strip().lower()
+    if match is None or verdict not in ("yes", "no"):
+        return None
+    asked = match.group(1)
+    for values in (SIZES, INTENSITIES):
+        if asked in values and len(values) == 2:  # "no" names the other value only when there is one other
+            return asked if verdict == "yes" else next(v for v in values if v != asked)
+    return None
