@@ -240,7 +240,9 @@ class LMDataConfig:
     """JSONL files of segment / chat records for training (interleaved documents, instructions)."""
     val_record_files: list[str] = field(default_factory=list)
     """JSONL record files for validation."""
-    mix: dict[str, float] = field(default_factory=lambda: {"caption": 1.0, "vqa": 1.0, "records": 1.0})
+    mix: dict[str, float] = field(
+        default_factory=lambda: {"caption": 1.0, "vqa": 1.0, "records": 1.0, "compare": 0.0}
+    )
     """Times each task's items appear per epoch (tasks: caption, vqa, records, compare; 0.5 = a random half)."""
     image_first: float = 0.5
     """Probability that a caption pair becomes image→text rather than text→image."""

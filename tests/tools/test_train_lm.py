@@ -47,6 +47,9 @@ def test_every_config_composes():
     )
     assert run.data.seed == 5 and run.optim.lr == 1e-3 and run.data.mix["vqa"] == 0.5
     assert run.text_tokenizer == "gpt2" and run.lm == lm_config("small")  # small is the default
+    mix = "data.mix={caption:3.0,vqa:0.5,records:0.0,compare:0.5}"  # every task can be named
+    run = make_run("tokenizer.checkpoint=c", mix, "data.vqa_explain=true", "data.group_by_task=true")
+    assert run.data.mix["compare"] == 0.5 and run.data.vqa_explain and run.data.group_by_task
     with pytest.raises(MissingMandatoryValue):
         make_run()  # no tokenizer.checkpoint
     with pytest.raises(ConfigCompositionException, match="not_a_field"):
