@@ -91,6 +91,10 @@ class TrainLMRun:
     """A Hugging Face tokenizer (local directory or hub name); None trains a byte-level BPE on the shards' text."""
     text_vocab_size: int = 8192
     """Upper bound on the trained BPE's vocabulary (a small corpus yields fewer merges)."""
+    init_from: str | None = None
+    """An exported model directory (``<run>/model``) to start from, with a new optimizer and schedule (fine-tuning,
+    e.g. on instructions after pre-training): its weights, architecture and text tokenizer; ``lm`` sets only the
+    training options (dropout, attention backend, gradient checkpointing, z-loss)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """Devices, precision, steps (also the length of the LR schedule), checkpointing."""
     optim: LMOptimConfig = field(default_factory=LMOptimConfig)

@@ -3,8 +3,9 @@ tokenizer.checkpoint=DIR trainer.max_steps=3000``.
 
 The image tokenizer's architecture (K, V, grid) comes from its checkpoint; the shards must match it. The text
 tokenizer is ``text_tokenizer=DIR_OR_HUB_NAME`` or, by default, a byte-level BPE trained on the shards' text
-(saved as ``<run_dir>/text_tokenizer`` and reused on resume). A run directory that already holds
-``checkpoints/last.ckpt`` resumes from it. The trained model is exported to ``<run_dir>/model`` for
+(saved as ``<run_dir>/text_tokenizer`` and reused on resume). ``init_from=<run>/model`` starts
+from an exported model (its weights, architecture and text tokenizer) with a new optimizer: fine-tuning. A run
+directory that already holds ``checkpoints/last.ckpt`` resumes from it. The trained model is exported to ``<run_dir>/model`` for
 ``lm.load_model``.
 """
 
@@ -77,21 +78,37 @@ def check_shards(image_tokenizer_dir: str, shards: list) -> None:
             log.warning("%s: its tokenizer config differs from %s in %s", shard.directory, path, differing)
 
 
-def build_system(run: TrainLMRun, vocab):
-    """The LightningModule: the LM of ``run.lm`` over ``vocab``, AdamW over ``trainer.max_steps``."""
+TRAINING_OPTIONS = ("dropout", "attn_backend", "grad_checkpointing", "z_loss_weight")
+"""The ``lm`` fields a run sets on a model it starts from (``init_from``); the others are its architecture."""
+
+
+def build_system(run: TrainLMRun, vocab, init=None):
+    """The LightningModule: the LM of ``run.lm`` over ``vocab``, AdamW over ``trainer.max_steps``; with ``init``
+    (a loaded :class:`lm.api.UnifiedModel`) its architecture and weights, and ``run.lm``'s training options."""
     from lm.system import LMSystem, LMTrainConfig
 
-    if run.lm.hf_backbone is None and run.data.max_len > run.lm.max_seq_len:
-        raise ValueError(f"data.max_len={run.data.max_len} exceeds lm.max_seq_len={run.lm.max_seq_len}")
+    model_config = run.lm
+    if init is not None:
+        options = {name: getattr(run.lm, name) for name in TRAINING_OPTIONS}
+        model_config = dataclasses.replace(init.lm.config, **options)
+
+    if model_config.hf_backbone is None and run.data.max_len > model_config.max_seq_len:
+        source = f"init_from={run.init_from}'s " if init is not None else ""
+        raise ValueError(
+            f"data.max_len={run.data.max_len} exceeds {source}lm.max_seq_len={model_config.max_seq_len}"
+        )
     if run.data.grounding != (run.optim.grounding_weight > 0):
         raise ValueError(
             f"data.grounding={run.data.grounding} with optim.grounding_weight={run.optim.grounding_weight}: "
             "the grounding targets need both (data.grounding=true and a weight > 0) or neither"
         )
     config = LMTrainConfig(
-        model=run.lm, vocab=vocab.to_dict(), optim=run.optim, max_steps=run.trainer.max_steps
+        model=model_config, vocab=vocab.to_dict(), optim=run.optim, max_steps=run.trainer.max_steps
     )
-    return LMSystem(config)
+    system = LMSystem(config)
+    if init is not None:
+        system.model.load_state_dict(init.lm.state_dict())
+    return system
 
 
 def export(trainer, system, text_tokenizer, image_tokenizer, run_dir: Path) -> Path:
@@ -113,6 +130,29 @@ def export(trainer, system, text_tokenizer, image_tokenizer, run_dir: Path) -> P
     if trainer.is_global_zero:
         UnifiedModel(lm, text_tokenizer, image_tokenizer).save_pretrained(out)
     return out
+
+
+def start_model(run: TrainLMRun, image_tokenizer):
+    """The model of ``run.init_from`` (None without); InputError when its image tokenizer is not the run's."""
+    import torch
+
+    from lm.api import load_model
+    from tokenizer.errors import InputError
+
+    if not run.init_from:
+        return None
+    if run.text_tokenizer:
+        raise InputError(f"text_tokenizer={run.text_tokenizer}: init_from={run.init_from} brings its own")
+    model = load_model(run.init_from)
+    ours, theirs = image_tokenizer.state_dict(), model.image_tokenizer.state_dict()
+    same = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    if model.image_tokenizer.config != image_tokenizer.config or not same:
+        raise InputError(
+            f"init_from={run.init_from}: its image tokenizer differs from tokenizer.checkpoint="
+            f"{run.tokenizer.checkpoint} (the shards' codes would mean other images)"
+        )
+    log.info("starting from %s (its weights and text tokenizer; new optimizer)", run.init_from)
+    return model
 
 
 def train(run: TrainLMRun) -> Path:
@@ -140,10 +180,11 @@ def train(run: TrainLMRun) -> Path:
     image_tokenizer = load_tokenizer(run.tokenizer.checkpoint)
     shards = [CodeShard(d) for d in run.data.shard_dirs]
     check_shards(run.tokenizer.checkpoint, shards)
-    text_tokenizer = build_text_tokenizer(run, shards, run_dir)
+    init = start_model(run, image_tokenizer)
+    text_tokenizer = init.text_tokenizer if init else build_text_tokenizer(run, shards, run_dir)
     vocab = vocab_for(text_tokenizer, image_tokenizer)
     build_vocab(text_tokenizer, shards, vocab)  # every shard must match the tokenizer checkpoint
-    system = build_system(run, vocab)
+    system = build_system(run, vocab, init)
     data = LMDataModule(run.data, text_tokenizer, vocab)
     trainer = build_trainer(run.trainer, run_dir, block_types=(Block,))
     ckpt = last_checkpoint(run_dir) if run.resume else None

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,9 @@ from PIL import Image
 from lm import describe_image, load_model
 from lm.config import PRESETS, lm_config
 from lm.vocab import Vocab
+from tokenizer.api import create_tokenizer
+from tokenizer.checkpoint import save_tokenizer
+from tokenizer.errors import InputError
 from tools import generate
 from tools.schemas import TrainLMRun
 from tools.train_lm import build_system, train
@@ -89,6 +93,29 @@ def test_cpu_smoke_run_exports_a_model_and_the_cli_uses_it(checkpoint_and_shard,
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 5
     assert load_model(out).vocab == model.vocab
+
+    # init_from: a new run starts from the exported model's weights, architecture and text tokenizer
+    tuned = tmp_path / "tuned"
+    start = [
+        "lm=tiny",
+        "lm.dim=64",  # the architecture comes from init_from, the training options from lm
+        "lm.grad_checkpointing=true",
+        f"init_from={out}",
+        *overrides[1:3],
+        f"run_dir={tuned}",
+    ]
+    run = make_run(*start, "trainer.max_steps=2", *overrides[5:])
+    system = build_system(run, model.vocab, load_model(out))
+    assert system.config.model == replace(load_model(out).config, grad_checkpointing=True)  # dim 32
+    assert all(
+        torch.equal(v, load_model(out).lm.state_dict()[k]) for k, v in system.model.state_dict().items()
+    )
+    tuned_model = load_model(train(run))
+    assert tuned_model.text_tokenizer.vocab_size == model.text_tokenizer.vocab_size
+    assert not (tuned / "text_tokenizer").exists()  # none trained
+    other = save_tokenizer(create_tokenizer("tiny").eval(), tmp_path / "other_tokenizer")  # other weights
+    with pytest.raises(InputError, match="image tokenizer differs"):
+        train(make_run(*start[:4], f"tokenizer.checkpoint={other}", *start[5:], "trainer.max_steps=2"))
 
     # the generation CLI: PNGs + prompts.json, and a printed report
     images = tmp_path / "images"
