@@ -42,7 +42,7 @@ class Variant:
 
 VARIANTS = {
     # 64² keeps the LM's image 8x8 positions (sequences of ~100), which is what fits 10 CPU minutes
-    "full": Variant("small", "small", 64, 2048, 64, 600, 200, 600, 16, 16),
+    "full": Variant("small", "small", 64, 2048, 64, 600, 200, 560, 16, 16),
     "fast": Variant("tiny", "tiny", 32, 256, 16, 30, 20, 40, 16, 8),
 }
 
@@ -140,14 +140,10 @@ def train_lm(v: Variant, tokenizer: Path, shards: list[Path], stages: Path, devi
         # ~9 VQA pairs per phantom in records of 3 turns (as long as a caption record, so no padding waste),
         # half of them after the caption as a report; three quarters of the caption pairs prompt → image
         # (the recipe of lm33 in docs/BENCHMARKS.md: reports 93.8 % exact at 128²).
-        "data.mix={caption:3.0,vqa:0.5,records:0.0,compare:0.5}",
+        "data.mix={caption:3.0,vqa:0.5,records:0.0}",
         "data.vqa_turns=3",
         "data.image_first=0.25",
         "data.vqa_report_first=0.5",
-        # yes/no answers about a size or intensity name the seen value first ("small, so no"), and short
-        # text-only records teach the comparison, in batches of their own (lm44 in docs/BENCHMARKS.md)
-        "data.vqa_explain=true",
-        "data.group_by_task=true",
         # what each quadrant holds as an auxiliary target (lm/grounding.py), on the middle block: it lets
         # prompts place findings and questions find the region they name (lm37 in docs/BENCHMARKS.md)
         "data.grounding=true",
