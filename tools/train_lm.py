@@ -3,10 +3,10 @@ tokenizer.checkpoint=DIR trainer.max_steps=3000``.
 
 The image tokenizer's architecture (K, V, grid) comes from its checkpoint; the shards must match it. The text
 tokenizer is ``text_tokenizer=DIR_OR_HUB_NAME`` or, by default, a byte-level BPE trained on the shards' text
-(saved as ``<run_dir>/text_tokenizer`` and reused on resume). ``init_from=<run>/model`` starts
-from an exported model (its weights, architecture and text tokenizer) with a new optimizer: fine-tuning. A run
-directory that already holds ``checkpoints/last.ckpt`` resumes from it. The trained model is exported to ``<run_dir>/model`` for
-``lm.load_model``.
+(saved as ``<run_dir>/text_tokenizer`` and reused on resume). ``init_from=<run>/model`` starts from an
+exported model (its weights, architecture and text tokenizer) with a new optimizer: fine-tuning. A run
+directory that already holds ``checkpoints/last.ckpt`` resumes from it. The trained model is exported to
+``<run_dir>/model`` for ``lm.load_model``.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def train(run: TrainLMRun) -> Path:
     shards = [CodeShard(d) for d in run.data.shard_dirs]
     check_shards(run.tokenizer.checkpoint, shards)
     init = start_model(run, image_tokenizer)
-    text_tokenizer = init.text_tokenizer if init else build_text_tokenizer(run, shards, run_dir)
+    text_tokenizer = init.text_tokenizer if init is not None else build_text_tokenizer(run, shards, run_dir)
     vocab = vocab_for(text_tokenizer, image_tokenizer)
     build_vocab(text_tokenizer, shards, vocab)  # every shard must match the tokenizer checkpoint
     system = build_system(run, vocab, init)
