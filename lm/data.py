@@ -127,6 +127,13 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def is_qa(qa) -> bool:
+    """True for a well-formed ``{"question": str, "answer": str}`` entry (both non-empty)."""
+    return isinstance(qa, dict) and all(
+        isinstance(qa.get(k), str) and qa[k].strip() for k in ("question", "answer")
+    )
+
+
 def vqa_record(
     entries: list, image_ref: str, rng: np.random.Generator | None = None, report: str | None = None
 ) -> dict:
@@ -141,9 +148,7 @@ def vqa_record(
     trained like an answer): the model describes the image, then answers from what it wrote.
     """
     for j, qa in enumerate(entries):
-        if not isinstance(qa, dict) or not all(
-            isinstance(qa.get(k), str) and qa[k].strip() for k in ("question", "answer")
-        ):
+        if not is_qa(qa):
             raise RecordRejected(
                 "bad_record",
                 f"{image_ref}: qa entry {j} must be {{'question': str, 'answer': str}}, got {qa!r:.80}",
@@ -171,15 +176,11 @@ def explain(entries: list) -> list:
     entry (and any malformed one, left for :func:`vqa_record` to reject) as it is."""
     out = []
     for qa in entries:
-        value = seen_value(qa["question"], qa["answer"]) if _is_qa(qa) else None
+        value = seen_value(qa["question"], qa["answer"]) if is_qa(qa) else None
         if value is not None:
             qa = {**qa, "answer": EXPLAINED_ANSWER.format(value=value, answer=qa["answer"].strip().lower())}
         out.append(qa)
     return out
-
-
-def _is_qa(qa) -> bool:
-    return isinstance(qa, dict) and all(isinstance(qa.get(k), str) for k in ("question", "answer"))
 
 
 def compare_record(question: str, answer: str) -> dict:
@@ -363,7 +364,7 @@ class LMDataset(IterableDataset):
                         items["compare"] += [
                             (s, i, j)
                             for j, e in enumerate(qa)
-                            if _is_qa(e) and seen_value(e["question"], e["answer"])
+                            if is_qa(e) and seen_value(e["question"], e["answer"])
                         ]
         for f, (_, lines) in enumerate(self.record_files):
             items["records"] += [(f, n, 0) for n, line in enumerate(lines) if line.strip()]
