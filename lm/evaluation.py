@@ -153,7 +153,11 @@ class _ScaleRun:
 
     def __init__(self, scale: float, cfg: GenerationEvalConfig) -> None:
         self.sampling = SamplingConfig(
-            image_temperature=cfg.temperature, image_top_k=cfg.top_k, image_top_p=cfg.top_p, cfg_scale=scale
+            image_temperature=cfg.temperature,
+            image_top_k=cfg.top_k,
+            image_top_p=cfg.top_p,
+            cfg_scale=scale,
+            cfg_interval=tuple(cfg.cfg_interval),
         )
         self.scale, self.key = scale, f"{scale:g}"
         self.features, self.alignment, self.images = [], [], []
@@ -297,7 +301,12 @@ def evaluate_generation(
         if items.kind == "phantoms"
         else "tokenizer decoding of the shard codes",
         "fid_reliable": len(items) >= RELIABLE_FID_IMAGES,
-        "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p},
+        "sampling": {
+            "temperature": cfg.temperature,
+            "top_k": cfg.top_k,
+            "top_p": cfg.top_p,
+            "cfg_interval": list(cfg.cfg_interval),
+        },
         "prompt_modality": cfg.prompt_modality,
     }
     real_features = torch.cat(reference.features)

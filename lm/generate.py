@@ -208,8 +208,7 @@ class SamplingConfig:
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise InputError(f"SamplingConfig.{name}: expected (0, 1], got {getattr(self, name)}")
         self.cfg_interval = tuple(float(v) for v in self.cfg_interval)
-        start, end = self.cfg_interval
-        if len(self.cfg_interval) != 2 or not 0.0 <= start <= end <= 1.0:
+        if len(self.cfg_interval) != 2 or not 0.0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1.0:
             raise InputError(
                 f"SamplingConfig.cfg_interval: expected 0 <= start <= end <= 1, got {self.cfg_interval}"
             )

@@ -63,6 +63,8 @@ class GenerationEvalConfig(HeldOutConfig):
     """Held-out captions used as prompts (one image each per guidance scale)."""
     cfg_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
     """Classifier-free guidance scales to compare (1.0 = no guidance)."""
+    cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    """Guidance applies to image positions p with start <= p / (h·w) < end (``SamplingConfig.cfg_interval``)."""
     temperature: float = 0.7
     """Image sub-code sampling temperature (0 = greedy). 0.7, not 1: at 1 a rare sub-code sampled early sends a
     small model's raster into another modality (docs/BENCHMARKS.md, the sampling-temperature sweep)."""
@@ -86,7 +88,12 @@ class GenerationEvalConfig(HeldOutConfig):
             )
         if len({f"{float(s):g}" for s in self.cfg_scales}) != len(self.cfg_scales):
             raise InputError(f"cfg_scales: expected distinct values, got {self.cfg_scales}")
-        SamplingConfig(image_temperature=self.temperature, image_top_k=self.top_k, image_top_p=self.top_p)
+        SamplingConfig(
+            image_temperature=self.temperature,
+            image_top_k=self.top_k,
+            image_top_p=self.top_p,
+            cfg_interval=tuple(self.cfg_interval),
+        )
 
 
 @dataclass

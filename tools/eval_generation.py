@@ -31,6 +31,16 @@ RUN_SUBDIR = ".eval"
 """Folder inside ``out`` for Hydra's logs and the resolved config."""
 
 
+def _interval(interval: list[float]) -> str:
+    """Where guidance applied, in words (``cfg_interval``)."""
+    start, end = interval
+    return (
+        "every image position"
+        if (start, end) == (0.0, 1.0)
+        else f"image positions p with {start:g} <= p / (h·w) < {end:g}"
+    )
+
+
 def _num(value: float | None, spec: str = ".4g") -> str:
     return "–" if value is None else format(value, spec)
 
@@ -95,7 +105,8 @@ def _notes(data: dict) -> list[str]:
         f"reference set: {s['fid_reference']}.",
         f"- FID is biased upwards below 2048 images{'' if s['fid_reliable'] else ' (compare only at equal n; KID is unbiased)'}.",
         f"- Alignment: {alignment}.",
-        f"- Sampling: temperature {sampling['temperature']}, top-k {sampling['top_k']}, top-p {sampling['top_p']}; "
+        f"- Sampling: temperature {sampling['temperature']}, top-k {sampling['top_k']}, top-p {sampling['top_p']}, "
+        f"guidance on {_interval(sampling['cfg_interval'])}; "
         f"seed {s['seed']} + batch index, batch size {s['batch_size']}; {s['device']}.",
     ]
 

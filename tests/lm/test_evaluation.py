@@ -52,6 +52,9 @@ def test_configs_validate():
         GenerationEvalConfig(cfg_scales=[3, 3.0])
     with pytest.raises(InputError, match="top_p"):
         GenerationEvalConfig(top_p=0.0)
+    for interval in ([0.5, 0.2], [0.0, 0.5, 1.0], [-0.1, 1.0]):
+        with pytest.raises(InputError, match="cfg_interval"):
+            GenerationEvalConfig(cfg_interval=interval)
     with pytest.raises(InputError, match="batch_size"):
         UnderstandingEvalConfig(batch_size=0)
     with pytest.raises(InputError, match="max_questions"):
@@ -182,6 +185,16 @@ def test_generation_is_deterministic(model):
     first, second = evaluate_generation(model, cfg), evaluate_generation(model, cfg)
     assert torch.equal(first.grid["3"], second.grid["3"])
     assert first.samples == second.samples
+
+
+def test_guidance_interval_reaches_sampling(model):
+    """Guidance on no position (interval [1, 1]) draws what no guidance draws; on every position, not."""
+    base = {"num_prompts": 2, "kid_subsets": 2, "seed": 7}
+    plain = evaluate_generation(model, GenerationEvalConfig(cfg_scales=[1.0], **base)).grid["1"]
+    nowhere = GenerationEvalConfig(cfg_scales=[8.0], cfg_interval=[1.0, 1.0], **base)
+    assert torch.allclose(evaluate_generation(model, nowhere).grid["8"], plain, atol=1e-5)
+    everywhere = evaluate_generation(model, GenerationEvalConfig(cfg_scales=[8.0], **base)).grid["8"]
+    assert not torch.allclose(everywhere, plain, atol=1e-3)
 
 
 def test_shard_items(model, items, tmp_path, monkeypatch):

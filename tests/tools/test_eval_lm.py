@@ -29,6 +29,7 @@ def test_configs_compose_and_check_keys(saved, tmp_path):
     )
     assert isinstance(run, EvalGenerationRun) and run.num_prompts == 7 and run.cfg_scales == [1.0, 2.5]
     assert run.features.kind == "random" and run.data_seed == 1 and run.device == "auto"
+    assert run.cfg_interval == [0.0, 1.0]
     run = compose("eval_understanding", [f"model={saved}", f"out={tmp_path}", "num_images=3", "vqa=false"])
     assert isinstance(run, EvalUnderstandingRun) and run.num_images == 3 and not run.vqa
     with pytest.raises(MissingMandatoryValue):
@@ -42,7 +43,7 @@ def test_configs_compose_and_check_keys(saved, tmp_path):
 def test_eval_generation_end_to_end(saved, tmp_path):
     out = tmp_path / "gen"
     overrides = [f"model={saved}", f"out={out}", "num_prompts=4", "cfg_scales=[1.0,3.0]", "kid_subsets=3",
-                 "num_grid=2", "progress_bar=false"]  # fmt: skip
+                 "num_grid=2", "cfg_interval=[0.25,1.0]", "progress_bar=false"]  # fmt: skip
     command = command_line("tools.eval_generation", overrides)
     eval_generation.evaluate(compose("eval_generation", overrides), command)
     data = json.loads((out / "metrics.json").read_text())
@@ -56,6 +57,7 @@ def test_eval_generation_end_to_end(saved, tmp_path):
     assert all(math.isfinite(x) for x in json_numbers(data))
     markdown = (out / "metrics.md").read_text()
     assert markdown.splitlines()[3] == command and "RANDOM weights" in markdown
+    assert data["settings"]["sampling"]["cfg_interval"] == [0.25, 1.0] and "0.25 <= p / (h·w) < 1" in markdown
     lines = (out / "generations.jsonl").read_text().splitlines()
     assert len(lines) == 4 and {"cfg_1", "cfg_3", "caption", "truth"} <= set(json.loads(lines[0]))
     with Image.open(out / "generation_grid.png") as image:
