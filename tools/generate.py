@@ -45,6 +45,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num", type=int, default=4, help="images per prompt")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale; 1 disables it")
     parser.add_argument(
+        "--cfg-interval",
+        nargs=2,
+        type=float,
+        default=(0.0, 1.0),
+        metavar=("START", "END"),
+        help="guide only image positions p with START <= p / (h*w) < END (e.g. 0.125 1: the first rows unguided)",
+    )
+    parser.add_argument(
         "--negative-prompt", help="image mode: what guidance pushes away from (default: <bos><boi>)"
     )
     parser.add_argument("--temperature", type=float, default=None, help="default 0.7 (images) / 0 (text)")
@@ -82,7 +90,8 @@ def write_images(model, args: argparse.Namespace) -> Path:
     for p, prompt in enumerate(args.prompt):
         seed = args.seed + p
         images, _ = generate_image(
-            model, [prompt] * args.num, cfg_scale=args.cfg_scale, temperature=temperature,
+            model, [prompt] * args.num, cfg_scale=args.cfg_scale, cfg_interval=tuple(args.cfg_interval),
+            temperature=temperature,
             top_k=args.top_k, top_p=args.top_p, seed=seed, modality=args.modality, compile=args.compile,
             negative_prompt=args.negative_prompt,
         )  # fmt: skip
@@ -93,6 +102,7 @@ def write_images(model, args: argparse.Namespace) -> Path:
     settings = {
         "model": str(args.model),
         "cfg_scale": args.cfg_scale,
+        "cfg_interval": list(args.cfg_interval),
         "negative_prompt": args.negative_prompt,
         "temperature": temperature,
         "top_k": args.top_k,

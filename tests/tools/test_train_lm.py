@@ -141,6 +141,10 @@ def test_cpu_smoke_run_exports_a_model_and_the_cli_uses_it(checkpoint_and_shard,
     argv = ["--model", str(out), "--prompt", "one lesion", "--num", "1", "--negative-prompt", "normal"]
     assert generate.main([*argv, "--out", str(tmp_path / "neg"), "--modality", "ct"]) == 0
     assert json.loads((tmp_path / "neg" / "prompts.json").read_text())["negative_prompt"] == "normal"
+    argv = ["--model", str(out), "--prompt", "one lesion", "--num", "1", "--cfg-interval", "0.25", "1"]
+    assert generate.main([*argv, "--out", str(tmp_path / "interval")]) == 0
+    assert json.loads((tmp_path / "interval" / "prompts.json").read_text())["cfg_interval"] == [0.25, 1.0]
+    assert generate.main([*argv[:-2], "0.5", "0.25", "--out", str(tmp_path / "bad")]) == 2  # START > END
     assert generate.main(["--model", str(tmp_path / "missing"), "--describe", str(png_path)]) == 2
     with pytest.raises(SystemExit):
         generate.main(["--model", str(out), "--prompt", "x"])  # --out is required
