@@ -9,7 +9,8 @@ Image mode writes ``<out>/p{prompt:02d}_{n:02d}.png`` (grayscale for one channel
 ``<out>/prompts.json`` (the model, every setting and, per PNG, its prompt and seed). Describe mode prints
 the report (or the answer) on stdout; with ``--report-first`` the model writes a one-line report before it
 answers (for an LM trained with ``data.vqa_report_first``). ``--negative-prompt`` is a description that
-guidance pushes away from instead of the unconditional ``<bos><boi>``. ``--modality`` fills the prompt
+guidance pushes away from instead of the unconditional ``<bos><boi>``; ``--cfg-interval 0.125 1`` leaves the
+first eighth of the raster unguided (on phantoms that keeps the prompted modality). ``--modality`` fills the prompt
 template's modality in image mode and chooses the intensity rule of the input in describe mode.
 """
 
