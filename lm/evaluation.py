@@ -157,7 +157,7 @@ class _ScaleRun:
             image_top_k=cfg.top_k,
             image_top_p=cfg.top_p,
             cfg_scale=scale,
-            cfg_interval=tuple(cfg.cfg_interval),
+            cfg_interval=cfg.cfg_interval,
         )
         self.scale, self.key = scale, f"{scale:g}"
         self.features, self.alignment, self.images = [], [], []

@@ -92,7 +92,7 @@ class GenerationEvalConfig(HeldOutConfig):
             image_temperature=self.temperature,
             image_top_k=self.top_k,
             image_top_p=self.top_p,
-            cfg_interval=tuple(self.cfg_interval),
+            cfg_interval=self.cfg_interval,
         )
 
 

@@ -91,7 +91,7 @@ def write_images(model, args: argparse.Namespace) -> Path:
     for p, prompt in enumerate(args.prompt):
         seed = args.seed + p
         images, _ = generate_image(
-            model, [prompt] * args.num, cfg_scale=args.cfg_scale, cfg_interval=tuple(args.cfg_interval),
+            model, [prompt] * args.num, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
             temperature=temperature,
             top_k=args.top_k, top_p=args.top_p, seed=seed, modality=args.modality, compile=args.compile,
             negative_prompt=args.negative_prompt,
