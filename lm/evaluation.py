@@ -164,10 +164,11 @@ class _ScaleRun:
         self.attributes, self.per_modality = AttributeAccuracy(), {}
         self.seconds = 0.0
 
-    def generate(self, model: UnifiedModel, rows: list[torch.Tensor], seed: int) -> torch.Tensor:
-        """(B, C, H, W) images in [-1, 1] for the prompt rows, timed."""
+    def generate(self, model: UnifiedModel, rows: list[torch.Tensor], negatives, seed: int) -> torch.Tensor:
+        """(B, C, H, W) images in [-1, 1] for the prompt rows (guided against ``negatives`` or None), timed."""
         started = time.perf_counter()
-        codes = generate_image_codes(model.lm, rows, self.sampling, seed).cpu()
+        negatives = negatives if self.sampling.cfg_scale != 1.0 else None
+        codes = generate_image_codes(model.lm, rows, self.sampling, seed, negative_prompts=negatives).cpu()
         images = detokenize(codes, model.image_tokenizer)
         self.seconds += time.perf_counter() - started
         return images
@@ -285,12 +286,15 @@ def evaluate_generation(
         keep = max(0, cfg.num_grid - len(grid["captions"]))
         grid["captions"] += [it.caption for it in batch[:keep]]
         grid["real"].append(real[:keep].cpu())
+        modalities = [it.modality if cfg.prompt_modality else None for it in batch]
         rows = [
-            text_to_image_prompt_tokens(model, it.caption, it.modality if cfg.prompt_modality else None)
-            for it in batch
+            text_to_image_prompt_tokens(model, it.caption, m) for it, m in zip(batch, modalities, strict=True)
         ]
+        negatives = None
+        if cfg.negative_prompt is not None:
+            negatives = [text_to_image_prompt_tokens(model, cfg.negative_prompt, m) for m in modalities]
         for run in runs:
-            images = run.generate(model, rows, cfg.seed + b)
+            images = run.generate(model, rows, negatives, cfg.seed + b)
             run.add(model, batch, images, feature_net, text_emb, new, keep)
             if progress is not None:
                 progress(len(batch))
@@ -306,6 +310,7 @@ def evaluate_generation(
             "top_k": cfg.top_k,
             "top_p": cfg.top_p,
             "cfg_interval": list(cfg.cfg_interval),
+            "negative_prompt": cfg.negative_prompt,
         },
         "prompt_modality": cfg.prompt_modality,
     }

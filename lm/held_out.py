@@ -74,6 +74,10 @@ class GenerationEvalConfig(HeldOutConfig):
     """Image nucleus mass (1 = off)."""
     prompt_modality: bool = True
     """Fill the template's {modality} with the item's modality (as training does); False: "medical"."""
+    negative_prompt: str | None = None
+    """Guide against this description, laid out like each prompt (same template and modality), instead of
+    the unconditional ``<bos><boi>``; e.g. "No abnormality is seen." pushes from a normal study of the
+    prompted modality towards the prompted findings (``lm.api.generate_image``'s ``negative_prompt``)."""
     features: FeatureExtractorConfig = field(default_factory=FeatureExtractorConfig)
     """FID / KID / precision-recall features; "random" by default (offline; not comparable to papers)."""
     kid_subsets: int = 100
@@ -88,6 +92,8 @@ class GenerationEvalConfig(HeldOutConfig):
             )
         if len({f"{float(s):g}" for s in self.cfg_scales}) != len(self.cfg_scales):
             raise InputError(f"cfg_scales: expected distinct values, got {self.cfg_scales}")
+        if self.negative_prompt is not None and not self.negative_prompt.strip():
+            raise InputError("negative_prompt: expected a non-empty description or null (unconditional)")
         SamplingConfig(
             image_temperature=self.temperature,
             image_top_k=self.top_k,

@@ -41,6 +41,13 @@ def _interval(interval: list[float]) -> str:
     )
 
 
+def _against(negative: str | None) -> str:
+    """What guidance pushed away from (``negative_prompt``), in words."""
+    return (
+        "<bos><boi>" if negative is None else f'the negative prompt "{negative}" (laid out like each prompt)'
+    )
+
+
 def _num(value: float | None, spec: str = ".4g") -> str:
     return "–" if value is None else format(value, spec)
 
@@ -106,7 +113,8 @@ def _notes(data: dict) -> list[str]:
         f"- FID is biased upwards below 2048 images{'' if s['fid_reliable'] else ' (compare only at equal n; KID is unbiased)'}.",
         f"- Alignment: {alignment}.",
         f"- Sampling: temperature {sampling['temperature']}, top-k {sampling['top_k']}, top-p {sampling['top_p']}, "
-        f"guidance on {_interval(sampling['cfg_interval'])}; "
+        f"guidance on {_interval(sampling['cfg_interval'])}, against "
+        f"{_against(sampling.get('negative_prompt'))}; "
         f"seed {s['seed']} + batch index, batch size {s['batch_size']}; {s['device']}.",
     ]
 

@@ -1,5 +1,6 @@
 """lm/evaluation.py and lm/held_out.py: held-out items, a perfect "model" scores 100%, bad outputs count as wrong, determinism."""
 
+import dataclasses
 import json
 import math
 
@@ -121,11 +122,14 @@ def test_bad_reports_count_as_wrong(model, monkeypatch):
 
 def test_perfect_generation_matches_real_images(model, items, monkeypatch):
     """A "model" that returns the real image of each prompt: reader = its ceiling, FID ~ 0, P = R = 1."""
-    seen_prompts = []
+    seen_prompts, seen_negatives = [], []
     real = torch.stack([items[i].image for i in range(N)])
     detokenize = ev.detokenize
 
-    def generate(lm_, rows, sampling, seed):
+    def generate(lm_, rows, sampling, seed, negative_prompts=None):
+        if negative_prompts is not None:
+            assert sampling.cfg_scale != 1.0 and len(negative_prompts) == len(rows)
+            seen_negatives.extend(model.text_tokenizer.decode(n[1:, 0].tolist()) for n in negative_prompts)
         picks = []
         for row in rows:
             text = model.text_tokenizer.decode(row[1:, 0].tolist())
@@ -160,6 +164,16 @@ def test_perfect_generation_matches_real_images(model, items, monkeypatch):
     assert results.samples[0]["cfg_1"]["exact"] == (
         results.samples[0]["cfg_1"]["read"] == results.samples[0]["truth"]
     )
+    assert not seen_negatives and results.settings["sampling"]["negative_prompt"] is None
+    # a negative prompt is laid out like each prompt, with its modality, and only the guided scale uses it
+    negative = dataclasses.replace(cfg, negative_prompt="No abnormality is seen.")
+    results = evaluate_generation(model, negative)
+    assert seen_negatives == [
+        text_to_image_prompt("No abnormality is seen.", items[i].modality) for i in range(N)
+    ]
+    assert results.settings["sampling"]["negative_prompt"] == "No abnormality is seen."
+    with pytest.raises(InputError, match="negative_prompt"):
+        GenerationEvalConfig(negative_prompt=" ")
 
 
 def test_non_finite_images_do_not_crash(model, monkeypatch):
