@@ -23,7 +23,8 @@ Tasks (mixed per epoch by ``LMDataConfig.mix``):
 
 With ``grounding`` the sequences of rows whose ``attributes`` list phantom findings also carry the auxiliary
 targets of :mod:`lm.grounding` (what each region holds; in text→image records, at every image position; in VQA
-records, the class of the region each question names, where its answer is predicted).
+records, the class of the region each question names, where its answer is predicted; the modality at every
+image position of a text→image record).
 
 An epoch's plan is fixed by (seed, epoch): each task's items repeated ``mix`` times (a fraction draws a random
 subset), shuffled, split evenly over ranks, and cut into batches (of one task each with ``group_by_task``); a
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lm.grounding import answer_starts, named_region, row_classes, sequence_targets
+from lm.grounding import answer_starts, named_region, row_classes, row_modality, sequence_targets
 from lm.sequence import RecordRejected, Sequence, build_sequence, pack
 from lm.text_tokenizer import TextTokenizer
 from lm.vocab import Vocab
@@ -463,7 +464,8 @@ class LMDataset(IterableDataset):
         )
         task, source, index, _ = (int(v) for v in plan[position])
         if cfg.grounding and TASKS[task] in ("caption", "vqa"):
-            classes = row_classes(self.shards[source].row(index))
+            row = self.shards[source].row(index)
+            classes = row_classes(row)
             if classes is not None:
                 eoi = seq.tokens[:, 0] == self.vocab.eoi
                 # a text→image record (loss on its image) with a prompt: every image position gets a target
@@ -473,7 +475,9 @@ class LMDataset(IterableDataset):
                     asked = [named_region(record["segments"][i - 1]["text"]) for i in record["loss_on"]]
                     starts = answer_starts(seq.labels[:, 0])  # fewer when truncated
                     answers = [(t, r) for t, r in zip(starts, asked, strict=False) if r is not None]
-                seq.grounding = sequence_targets(seq.image_pos, eoi, classes, self.vocab.grid, place, answers)
+                seq.grounding = sequence_targets(
+                    seq.image_pos, eoi, classes, self.vocab.grid, place, answers, row_modality(row)
+                )
         return seq
 
     def _replaceable(self, plan: np.ndarray, position: int, skipped: Counter) -> Sequence:

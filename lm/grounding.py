@@ -2,7 +2,7 @@
 
 For a shard row whose ``attributes`` list findings in the phantom vocabulary (region = image quadrant as
 displayed, size, intensity), each quadrant has a class: 0 when it holds no finding, else ``1 + 2 * size +
-intensity`` (indices into :data:`SIZES` and :data:`INTENSITIES`). A sequence carries them as a (T, 1 + 4 + 1)
+intensity`` (indices into :data:`SIZES` and :data:`INTENSITIES`). A sequence carries them as a (T, 1 + 4 + 1 + 1)
 target, -100 where there is none:
 
 * column 0, **place**: in a text→image record with a prompt, the hidden state that predicts an image position
@@ -15,7 +15,10 @@ target, -100 where there is none:
 * column 5, **answer**: in an image→text record, the hidden state that predicts the answer to a question
   naming a region ("Is the lesion in the left upper region small?") predicts that region's class, whatever
   the question asks, so every question about a region (presence, size, intensity) trains the same look-up
-  of a place from its name, with the whole class as the target instead of one yes/no.
+  of a place from its name, with the whole class as the target instead of one yes/no;
+* column 6, **modality**: at the positions of column 0, the index of the row's modality in
+  :data:`MODALITIES`, so every image position also carries the modality the prompt names (the place targets
+  alone pull the prompt's region words into those states, and the drawn images lose their modality).
 
 The loss sums each kind's mean cross-entropy times its weight (``LMOptimConfig.grounding_kind_weights``), so
 the few summary and answer targets of a batch do not weigh by their count against its hundreds of place ones.
@@ -30,15 +33,16 @@ import numpy as np
 import torch
 
 from tokenizer.data.phantom_text import named_regions
-from tokenizer.data.phantom_vocab import INTENSITIES, REGIONS, SIZES, Finding
+from tokenizer.data.phantom_vocab import INTENSITIES, MODALITIES, REGIONS, SIZES, Finding
 from tokenizer.errors import InputError
 
 NUM_CLASSES = 1 + len(SIZES) * len(INTENSITIES)
 """No finding in the quadrant, or one of the size × intensity combinations."""
-NUM_TARGETS = 1 + len(REGIONS) + 1
-"""Columns of a sequence's grounding target: the place, one per region (the summary), the answer."""
-KINDS = ("place", "summary", "answer")
-COLUMN_KIND = (0, *[1] * len(REGIONS), 2)
+assert len(MODALITIES) <= NUM_CLASSES, "the modality column shares the head's class axis"
+NUM_TARGETS = 1 + len(REGIONS) + 1 + 1
+"""Columns of a sequence's grounding target: the place, one per region (the summary), the answer, the modality."""
+KINDS = ("place", "summary", "answer", "modality")
+COLUMN_KIND = (0, *[1] * len(REGIONS), 2, 3)
 """Index into :data:`KINDS` of each column."""
 
 
@@ -66,6 +70,13 @@ def row_classes(row: dict) -> np.ndarray | None:
     if not isinstance(attributes, dict) or not isinstance(attributes.get("findings"), list):
         return None
     return region_classes(attributes["findings"])
+
+
+def row_modality(row: dict) -> int | None:
+    """Index into :data:`MODALITIES` of a shard row's ``attributes.modality``; None without one of them."""
+    attributes = row.get("attributes")
+    modality = attributes.get("modality") if isinstance(attributes, dict) else None
+    return MODALITIES.index(modality) if modality in MODALITIES else None
 
 
 def quadrant_map(grid: tuple[int, int]) -> torch.Tensor:
@@ -103,8 +114,9 @@ def sequence_targets(
     grid: tuple[int, int],
     place: bool,
     answers: list[tuple[int, int]] = (),
+    modality: int | None = None,
 ) -> torch.Tensor:
-    """(T, 1 + 4 + 1) long grounding targets of a sequence with one image, -100 where there is none.
+    """(T, 1 + 4 + 1 + 1) long grounding targets of a sequence with one image, -100 where there is none.
 
     Args:
         image_pos: (T,) the sequence's image_pos (0..h·w-1 on image positions, -1 elsewhere).
@@ -114,6 +126,7 @@ def sequence_targets(
         place: also fill column 0 (a text→image record with a prompt).
         answers: (position, region index) pairs for column 5: the position that predicts an answer and
             the region its question names.
+        modality: the row's :func:`row_modality`, for column 6 where column 0 is filled; None = no target.
     """
     target = torch.full((image_pos.shape[0], NUM_TARGETS), -100, dtype=torch.long)
     classes = torch.as_tensor(classes, dtype=torch.long)
@@ -122,7 +135,9 @@ def sequence_targets(
         nxt = image_pos[1:]
         on = nxt >= 0  # position t predicts the image position t + 1
         target[:-1, 0][on] = per_position[nxt[on]]
+        if modality is not None:
+            target[:-1, -1][on] = modality
     target[eoi, 1 : 1 + len(REGIONS)] = classes
     for position, region in answers:
-        target[position, -1] = classes[region]
+        target[position, 1 + len(REGIONS)] = classes[region]
     return target

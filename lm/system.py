@@ -29,9 +29,10 @@ from tokenizer.system import cosine_schedule, param_groups
 log = logging.getLogger(__name__)
 
 
-DEFAULT_KIND_WEIGHTS = {"place": 1.0, "summary": 0.025, "answer": 0.0}
+DEFAULT_KIND_WEIGHTS = {"place": 1.0, "summary": 0.025, "answer": 0.0, "modality": 0.0}
 """Near the balance of the best run so far (lm37 in docs/BENCHMARKS.md, whose loss was the mean over all its
-targets, ~4 % of them summaries, no answers); the answer targets are opt-in (lm40-lm42 there)."""
+targets, ~4 % of them summaries, no answers); the answer and modality targets are opt-in (lm40-lm42, lm47
+there)."""
 
 
 @dataclass
@@ -60,11 +61,11 @@ class LMOptimConfig:
     grounding_kind_weights: dict[str, float] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS)
     )
-    """Factor on ``grounding_weight`` per kind of target (``place``, ``summary``, ``answer``; a kind left out
-    keeps its default, :data:`DEFAULT_KIND_WEIGHTS`)."""
+    """Factor on ``grounding_weight`` per kind of target (``place``, ``summary``, ``answer``, ``modality``; a
+    kind left out keeps its default, :data:`DEFAULT_KIND_WEIGHTS`)."""
     grounding_layer: int = 0
     """Backbone block (1-based, native backbone) whose output, RMS-normalised, feeds the grounding head's
-    place and summary targets; 0 = the final hidden states."""
+    place, summary and modality targets; 0 = the final hidden states."""
     grounding_answer_layer: int | None = None
     """The same for the answer targets; None = ``grounding_layer``. A block after ``grounding_layer`` lets
     the answer read the summary that block left at ``<eoi>``."""

@@ -12,6 +12,7 @@ from lm.grounding import (
     quadrant_map,
     region_classes,
     row_classes,
+    row_modality,
     sequence_targets,
 )
 from lm.sequence import IGNORE_INDEX
@@ -34,12 +35,15 @@ def test_region_classes_and_quadrants():
         3,
         4,
     ]
-    assert NUM_CLASSES == 5 and NUM_TARGETS == 6 and len(COLUMN_KIND) == NUM_TARGETS
-    assert [KINDS[k] for k in COLUMN_KIND] == ["place", *["summary"] * 4, "answer"]
+    assert NUM_CLASSES == 5 and NUM_TARGETS == 7 and len(COLUMN_KIND) == NUM_TARGETS
+    assert [KINDS[k] for k in COLUMN_KIND] == ["place", *["summary"] * 4, "answer", "modality"]
     assert region_classes([{"region": "middle", "size": "large", "intensity": "dark"}]) is None
     assert region_classes([{"region": "left upper", "size": "huge", "intensity": "dark"}]) is None
     assert row_classes({"caption": "no attributes"}) is None
     assert row_classes({"attributes": {"findings": []}}).tolist() == [0, 0, 0, 0]
+    assert row_modality({"attributes": {"modality": "fundus"}}) == 3  # MODALITIES order
+    assert row_modality({"attributes": {"modality": "pet"}}) is None
+    assert row_modality({"modality": "ct"}) is None  # only the phantom attributes count
     # REGIONS order: left upper, right upper, left lower, right lower (as displayed)
     assert quadrant_map((2, 4)).reshape(2, 4).tolist() == [[0, 0, 1, 1], [2, 2, 3, 3]]
     assert quadrant_map((3, 3)).reshape(3, 3).tolist() == [[0, 0, 1], [0, 0, 1], [2, 2, 3]]
@@ -54,9 +58,12 @@ def test_sequence_targets_place_and_summary():
     assert got.shape == (8, NUM_TARGETS)
     assert got[:, 0].tolist() == [IGNORE_INDEX, 1, 0, 3, 4, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
     assert got[6, 1:5].tolist() == [1, 0, 3, 4] and (got[torch.arange(8) != 6, 1:5] == IGNORE_INDEX).all()
-    assert (got[:, 5] == IGNORE_INDEX).all()
-    no_place = sequence_targets(image_pos, eoi, classes, (2, 2), place=False)
+    assert (got[:, 5:] == IGNORE_INDEX).all()  # no answers, no modality given
+    no_place = sequence_targets(image_pos, eoi, classes, (2, 2), place=False, modality=2)
     assert (no_place[:, 0] == IGNORE_INDEX).all() and torch.equal(no_place[:, 1:], got[:, 1:])
+    with_modality = sequence_targets(image_pos, eoi, classes, (2, 2), place=True, modality=2)
+    assert with_modality[:, 6].tolist() == [IGNORE_INDEX] + [2] * 4 + [IGNORE_INDEX] * 3  # where place is
+    assert torch.equal(with_modality[:, :6], got[:, :6])
 
 
 def test_answer_targets_name_the_asked_region():

@@ -23,6 +23,7 @@ from lm.vocab import Vocab
 from tokenizer.api import create_tokenizer
 from tokenizer.checkpoint import load_tokenizer, save_tokenizer
 from tokenizer.data.phantom_text import phantom_questions
+from tokenizer.data.phantom_vocab import MODALITIES
 from tokenizer.data.phantoms import PhantomDataset
 from tokenizer.shards import CodeShard, ShardWriter
 from tools.trainer import TrainerConfig, build_trainer
@@ -254,7 +255,7 @@ def test_val_losses_are_means_over_targets(env):
 
 
 # ------------------------------------------------------------------ grounding targets (lm.grounding)
-EQUAL = {"place": 1.0, "summary": 1.0, "answer": 1.0}
+EQUAL = {"place": 1.0, "summary": 1.0, "answer": 1.0, "modality": 1.0}
 
 
 def _batches(env, **cfg):
@@ -289,9 +290,13 @@ def test_targets_by_record_kind(env):
             image_target = vocab.is_image(b.labels[row, :, 0])
             if b.tokens[row, 1, 0] != vocab.boi and image_target.any():  # text -> image with a prompt
                 assert torch.equal(place, image_target)
+                # and the prompt's modality at the same positions (the prompt names it)
+                assert torch.equal(g[:, 6] != IGNORE_INDEX, place) and len(set(g[place, 6].tolist())) == 1
+                named = env["text"].decode(b.tokens[row, 1 : int(place.nonzero()[0]), 0].tolist()).lower()
+                assert f" {MODALITIES[int(g[place, 6][0])]} " in named  # "Generate a {modality} image: …"
                 kinds.add("prompted")
             else:  # image -> text, VQA, unconditional text -> image
-                assert not place.any()
+                assert not place.any() and (g[:, 6] == IGNORE_INDEX).all()
                 kinds.add("other")
     assert {"prompted", "other", "answer"} <= kinds
 
@@ -332,10 +337,10 @@ def test_grounding_loss_trains_and_stays_out_of_the_model(env):
         logits = system.grounding_head(hidden).view(1, 31, NUM_TARGETS, NUM_CLASSES)
         place = torch.nn.functional.cross_entropy(logits[0, :30, 0], target[0, :30, 0])
         answer = torch.nn.functional.cross_entropy(logits[0, 30:, 5], target[0, 30:, 5])
-        got, n = system.grounding_loss([hidden] * 3, target)
+        got, n = system.grounding_loss([hidden] * 4, target)
     assert n == 31 and float(got) == pytest.approx(float(place + answer), rel=1e-5)
     no_targets = type(batch)(batch.tokens, batch.labels, batch.image_pos, batch.attention_mask)
-    zero, n = system.grounding_loss([system(no_targets).hidden] * 3, no_targets.grounding)
+    zero, n = system.grounding_loss([system(no_targets).hidden] * 4, no_targets.grounding)
     assert n == 0 and float(zero.detach()) == 0 and zero.requires_grad
     with pytest.raises(ValueError, match="grounding_weight"):
         LMOptimConfig(grounding_weight=-1.0)
@@ -350,16 +355,16 @@ def test_grounding_head_on_an_inner_block(env):
         grounding_weight=1.0, grounding_layer=1, grounding_answer_layer=2, grounding_kind_weights=EQUAL
     )
     system = LMSystem(LMTrainConfig(cfg.model, cfg.vocab, inner, 2))
-    assert system.grounding_layers() == (1, 1, 2)
+    assert system.grounding_layers() == (1, 1, 2, 1)
     captured = {}
     for i in (0, 1):
         system.model.backbone.blocks[i].register_forward_hook(
             lambda m, a, out, i=i: captured.__setitem__(i, torch.nn.functional.rms_norm(out, out.shape[-1:]))
         )
     losses, _ = system.losses(batch)
-    expected, _ = system.grounding_loss([captured[0], captured[0], captured[1]], batch.grounding)
+    expected, _ = system.grounding_loss([captured[0], captured[0], captured[1], captured[0]], batch.grounding)
     assert float(losses["grounding_loss"]) == pytest.approx(float(expected.detach()), rel=1e-6)
-    one_block, _ = system.grounding_loss([captured[0]] * 3, batch.grounding)
+    one_block, _ = system.grounding_loss([captured[0]] * 4, batch.grounding)
     assert float(one_block) != pytest.approx(float(expected.detach()), rel=1e-6)
     losses["loss"].backward()
     assert system.model.backbone.blocks[0].attn.wqkv.weight.grad is not None
@@ -367,7 +372,7 @@ def test_grounding_head_on_an_inner_block(env):
     default = LMSystem(
         LMTrainConfig(cfg.model, cfg.vocab, LMOptimConfig(grounding_weight=1.0, grounding_layer=2), 2)
     )
-    assert default.grounding_layers() == (2, 2, 2)
+    assert default.grounding_layers() == (2, 2, 2, 2)
     for name in ("grounding_layer", "grounding_answer_layer"):
         with pytest.raises(ValueError, match=f"{name}=9"):
             LMSystem(LMTrainConfig(cfg.model, cfg.vocab, LMOptimConfig(grounding_weight=1.0, **{name: 9}), 2))
@@ -386,13 +391,13 @@ def test_grounding_kind_weights(env):
         logits = system.grounding_head(hidden).view(3, NUM_TARGETS, NUM_CLASSES)
         place = torch.nn.functional.cross_entropy(logits[0:1, 0], target[0, 0:1, 0])
         answer = torch.nn.functional.cross_entropy(logits[2:3, 5], target[0, 2:3, 5])
-        got, n = system.grounding_loss([hidden] * 3, target)
+        got, n = system.grounding_loss([hidden] * 4, target)
     assert n == 2 and float(got) == pytest.approx(float(place + 0.25 * answer), rel=1e-5)  # summary: 0
     # a kind of weight 0 costs nothing: answers by default, so their block gets no hook
     optim = LMOptimConfig(grounding_weight=1.0, grounding_layer=1, grounding_answer_layer=2)
     blocks = LMSystem(LMTrainConfig(cfg.model, cfg.vocab, optim, 2)).model.backbone.blocks
     assert len(blocks[0]._forward_hooks) == 1 and not blocks[1]._forward_hooks
-    weights = {"place": DEFAULT_KIND_WEIGHTS["place"], "summary": 0.0, "answer": 0.25}  # place kept
+    weights = {**DEFAULT_KIND_WEIGHTS, "summary": 0.0, "answer": 0.25}  # the others kept
     assert LMTrainConfig.from_dict(system.config.to_dict()).optim.grounding_kind_weights == weights
     for bad in ({"region": 1.0}, {"answer": -1.0}, {"place": float("nan")}):
         with pytest.raises(ValueError, match="grounding_kind_weights"):
