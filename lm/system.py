@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KIND_WEIGHTS = {"place": 1.0, "summary": 0.025, "answer": 0.0, "modality": 0.0}
 """Near the balance of the best run so far (lm37 in docs/BENCHMARKS.md, whose loss was the mean over all its
-targets, ~4 % of them summaries, no answers); the answer and modality targets are opt-in (lm40-lm42, lm47
-there)."""
+targets, ~4 % of them summaries, no answers); the answer and modality targets are opt-in (lm40-lm42, lm47,
+lm50 there: ``modality: 0.5`` from the first step keeps the drawn images in the prompted modality)."""
 
 
 @dataclass

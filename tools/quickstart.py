@@ -149,6 +149,8 @@ def train_lm(v: Variant, tokenizer: Path, shards: list[Path], stages: Path, devi
         "data.grounding=true",
         "optim.grounding_weight=0.5",
         f"optim.grounding_layer={lm_config(v.lm).n_layers // 2}",
+        # and the prompt's modality at every image position: the drawn images keep it (lm50 there)
+        "optim.grounding_kind_weights={modality:0.5}",
         f"trainer={device}",
         f"trainer.max_steps={v.lm_steps}",
         "trainer.val_every_n_steps=0",
