@@ -165,9 +165,8 @@ class _ScaleRun:
         self.seconds = 0.0
 
     def generate(self, model: UnifiedModel, rows: list[torch.Tensor], negatives, seed: int) -> torch.Tensor:
-        """(B, C, H, W) images in [-1, 1] for the prompt rows (guided against ``negatives`` or None), timed."""
+        """(B, C, H, W) images in [-1, 1] for the prompt rows (guided against ``negatives``, if any), timed."""
         started = time.perf_counter()
-        negatives = negatives if self.sampling.cfg_scale != 1.0 else None
         codes = generate_image_codes(model.lm, rows, self.sampling, seed, negative_prompts=negatives).cpu()
         images = detokenize(codes, model.image_tokenizer)
         self.seconds += time.perf_counter() - started

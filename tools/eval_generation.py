@@ -114,7 +114,7 @@ def _notes(data: dict) -> list[str]:
         f"- Alignment: {alignment}.",
         f"- Sampling: temperature {sampling['temperature']}, top-k {sampling['top_k']}, top-p {sampling['top_p']}, "
         f"guidance on {_interval(sampling['cfg_interval'])}, against "
-        f"{_against(sampling.get('negative_prompt'))}; "
+        f"{_against(sampling['negative_prompt'])}; "
         f"seed {s['seed']} + batch index, batch size {s['batch_size']}; {s['device']}.",
     ]
 

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -236,6 +238,9 @@ def test_guidance_against_negative_prompts(model, monkeypatch):
     n = partner.shape[0]
     assert torch.equal(tokens[4, -n:], partner) and image_pos[4, -n:].tolist() == [-1, -1, -1, -1, 0]
     assert not torch.equal(guided, generate_image_codes(model, prompts(), sampling, seed=0))
+    plain = replace(sampling, cfg_scale=1.0)  # no guidance: the negative prompts have nothing to do
+    unguided = generate_image_codes(model, prompts(), plain, seed=0, negative_prompts=[negative] * 3)
+    assert torch.equal(unguided, generate_image_codes(model, prompts(), plain, seed=0))
     with pytest.raises(InputError, match="negative_prompts: 1 for 3"):
         generate_image_codes(model, prompts(), sampling, seed=0, negative_prompts=[negative])
 
