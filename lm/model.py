@@ -106,6 +106,22 @@ class RMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, weight, self.eps)
 
 
+def _sdpa(q, k, v, mask, is_causal: bool, dropout_p: float, gqa: bool) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; on the CPU in fp32 whatever the autocast: torch's CPU kernels are
+    slower in bf16 than in fp32 at these head sizes (the backward ~3x), so a bf16-autocast training step of
+    the ``small`` LM is ~20 % faster this way (docs/BENCHMARKS.md)."""
+    if q.device.type != "cpu" or (q.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=gqa
+        )
+    with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 inputs back to bf16
+        y = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+            enable_gqa=gqa,
+        )  # fmt: skip
+    return y.to(q.dtype)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with QK-norm and RoPE; no biases."""
 
@@ -136,10 +152,7 @@ class Attention(nn.Module):
         if self.backend == "xformers":
             y = _xformers_attention(q, k, v, mask, is_causal, dropout_p)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, dropout_p=dropout_p,
-                enable_gqa=self.n_heads != self.n_kv_heads,
-            )  # fmt: skip
+            y = _sdpa(q, k, v, mask, is_causal and mask is None, dropout_p, self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 

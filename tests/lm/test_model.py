@@ -283,3 +283,25 @@ def test_logits_stay_fp32_under_bf16_autocast(model):
         codes = torch.zeros(3, VOCAB.num_codebooks, dtype=torch.long)
         assert model.depth_logits(out.hidden[0, :3], codes).dtype == torch.float32
     assert torch.isfinite(out.total_loss())
+
+
+def test_cpu_attention_runs_in_fp32_under_bf16_autocast():
+    from lm.model import _sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 7, 16, generator=g).bfloat16().requires_grad_() for h in (4, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = _sdpa(q, k, v, None, True, 0.0, True)
+    # the bf16 inputs attended in fp32, then the output back in the inputs' dtype
+    expected = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True
+    )
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, expected.bfloat16())
+    y.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+    # fp32 inputs without autocast take the plain call
+    x = torch.randn(2, 4, 7, 16, generator=g)
+    assert torch.equal(
+        _sdpa(x, x, x, None, True, 0.0, False), F.scaled_dot_product_attention(x, x, x, is_causal=True)
+    )
