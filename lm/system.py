@@ -24,7 +24,7 @@ from lm.model import DecoderLM, LMOutput
 from lm.sequence import Batch
 from lm.vocab import Vocab
 from tokenizer.guard import LossGuard
-from tokenizer.system import cosine_schedule, param_groups
+from tokenizer.system import adamw, clip_grad_norm, cosine_schedule, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +188,7 @@ class LMSystem(L.LightningModule):
     def configure_optimizers(self):
         o = self.config.optim
         groups = param_groups(self, o.weight_decay)  # the model and the grounding head
-        fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=fused or None)
+        opt = adamw(self, groups, lr=o.lr, betas=o.betas)
         total = self.config.max_steps
 
         def lam(step: int) -> float:
@@ -286,9 +285,7 @@ class LMSystem(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if self.config.optim.grad_clip:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=self.config.optim.grad_clip, gradient_clip_algorithm="norm"
-            )
+            clip_grad_norm(self, self.parameters(), self.config.optim.grad_clip)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lm_skipped_steps"] = self.skipped_steps

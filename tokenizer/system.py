@@ -105,6 +105,31 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(system: L.LightningModule, groups: list[dict], **kwargs) -> torch.optim.AdamW:
+    """AdamW over parameter groups, fused (one kernel for all tensors) when every parameter is on the CPU or a
+    CUDA device and no fp16 grad scaler is in use (a fused step unscales inside, after our clipping): on the CPU
+    a fused step of the ``small`` LM takes a quarter of the per-tensor loop's time (docs/BENCHMARKS.md).
+    Clip its gradients with :func:`clip_grad_norm`, not Lightning's ``clip_gradients``."""
+    scaler = (
+        system._trainer is not None and getattr(system.trainer.precision_plugin, "scaler", None) is not None
+    )
+    fused = not scaler and all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+
+
+def clip_grad_norm(system: L.LightningModule, parameters, max_norm: float) -> None:
+    """Clip gradients to a global norm. Not Lightning's ``clip_gradients``: it refuses a fused optimizer under
+    mixed precision (bf16 too, which has no scaler) and any norm clipping under FSDP. Under FSDP the root
+    module's ``clip_grad_norm_`` takes the norm over every shard (of all the system's parameters)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    root = system.trainer.strategy.model
+    if isinstance(root, FullyShardedDataParallel):
+        root.clip_grad_norm_(max_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
 class TokenizerSystem(L.LightningModule):
     """VQ-GAN training with contrastive alignment, manual optimisation, two optimizers."""
 
@@ -155,12 +180,10 @@ class TokenizerSystem(L.LightningModule):
     # ------------------------------------------------------------------------------------------ setup
     def configure_optimizers(self):
         o = self.config.optim
-        opt_g = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay) + self._align_params(), lr=o.lr, betas=o.betas
-        )
-        opt_d = torch.optim.AdamW(
-            param_groups(self.discriminator, o.disc_weight_decay), lr=o.disc_lr, betas=o.disc_betas
-        )
+        groups_g = param_groups(self.model, o.weight_decay) + self._align_params()
+        opt_g = adamw(self, groups_g, lr=o.lr, betas=o.betas)
+        groups_d = param_groups(self.discriminator, o.disc_weight_decay)
+        opt_d = adamw(self, groups_d, lr=o.disc_lr, betas=o.disc_betas)
         total = self.config.max_steps
 
         def lam(step: int) -> float:
@@ -193,9 +216,8 @@ class TokenizerSystem(L.LightningModule):
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(losses["loss"])
         if self.config.optim.grad_clip:
-            self.clip_gradients(
-                opt_g, gradient_clip_val=self.config.optim.grad_clip, gradient_clip_algorithm="norm"
-            )
+            params = [p for group in opt_g.param_groups for p in group["params"]]
+            clip_grad_norm(self, params, self.config.optim.grad_clip)
         opt_g.step()
         sched_g.step()
         if self.ema is not None:

@@ -213,6 +213,27 @@ def test_bf16_autocast_and_grad_checkpointing(env, tmp_path):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_fused_adamw_and_our_clipping_under_mixed_precision(env, tmp_path):
+    """Lightning refuses to clip for a fused optimizer under any mixed precision; the system clips itself."""
+    system = LMSystem(train_config(env, max_steps=1))
+    fit(env, system, tmp_path, max_steps=1, precision="bf16-mixed")
+    assert system.trainer.optimizers[0].defaults["fused"] is True
+
+    system.train()
+    dm = LMDataModule(env["data"], env["text"], env["vocab"])
+    dm.setup()
+    (system.losses(next(iter(dm.train_dataloader())))[0]["loss"] * 1e4).backward()
+
+    def norm() -> torch.Tensor:
+        return torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in system.parameters() if p.grad is not None])
+        )
+
+    assert norm() > 10 * system.config.optim.grad_clip
+    system.configure_gradient_clipping(system.trainer.optimizers[0])
+    assert norm() == pytest.approx(system.config.optim.grad_clip, rel=1e-4)
+
+
 def test_a_batch_without_image_targets_trains(env):
     vocab = env["vocab"]
     system = LMSystem(train_config(env, max_steps=2))
