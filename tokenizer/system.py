@@ -108,7 +108,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 def adamw(system: L.LightningModule, groups: list[dict], **kwargs) -> torch.optim.AdamW:
     """AdamW over parameter groups, fused (one kernel for all tensors) when every parameter is on the CPU or a
     CUDA device and no fp16 grad scaler is in use (a fused step unscales inside, after our clipping): on the CPU
-    a fused step of the ``small`` LM takes a quarter of the per-tensor loop's time (docs/BENCHMARKS.md).
+    a fused step of the ``small`` LM takes a fifth of the per-tensor loop's time (docs/BENCHMARKS.md).
     Clip its gradients with :func:`clip_grad_norm`, not Lightning's ``clip_gradients``."""
     scaler = (
         system._trainer is not None and getattr(system.trainer.precision_plugin, "scaler", None) is not None

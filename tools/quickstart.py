@@ -1,6 +1,6 @@
 """The main job: the whole pipeline on built-in phantom data, on a CPU, in minutes.
 
-    uv run python -m tools.quickstart            # 6-13 min on 2 CPU cores (docs/BENCHMARKS.md); CUDA when present
+    uv run python -m tools.quickstart            # 6-10 min on 2 CPU cores (docs/BENCHMARKS.md); CUDA when present
     uv run python -m tools.quickstart --fast     # half-minute smoke run (tiny models)
 
 Stages: phantoms → tokenizer stage ``visual`` → stage ``text`` → code shards → LM → evaluation. Stage
