@@ -282,6 +282,8 @@ def test_lm_fsdp_step_on_gpu(shard, tmp_path):
     from lm import load_model
     from tools.train_lm import train
 
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     checkpoint, shard_dir = shard
     overrides = [
         "trainer=fsdp",
@@ -296,6 +298,25 @@ def test_lm_fsdp_step_on_gpu(shard, tmp_path):
         "text_vocab_size=300",
         f"run_dir={tmp_path / 'fsdp'}",
     ]
+    out = train(compose("train_lm", overrides))
+    assert load_model(out).vocab.grid == (8, 8)
+
+
+@pytest.mark.gpu
+def test_lm_step_on_one_gpu_with_fused_adamw_and_clipping(shard, tmp_path):
+    """``trainer=gpu`` (bf16-mixed) with the fused AdamW and gradient clipping, which Lightning's own clipping
+    refuses (tests/lm/test_system.py reproduces that on the CPU)."""
+    from lm import load_model
+    from tools.train_lm import train
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    checkpoint, shard_dir = shard
+    overrides = [
+        "trainer=gpu", "trainer.devices=1", "trainer.max_steps=2", "trainer.val_every_n_steps=0",
+        "trainer.progress_bar=false", "lm=tiny", f"tokenizer.checkpoint={checkpoint}",
+        f"data.shard_dirs=[{shard_dir}]", "data.batch_size=2", "text_vocab_size=300", f"run_dir={tmp_path / 'gpu'}",
+    ]  # fmt: skip
     out = train(compose("train_lm", overrides))
     assert load_model(out).vocab.grid == (8, 8)
 
