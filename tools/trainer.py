@@ -37,8 +37,6 @@ class TrainerConfig:
     """Validation (and image grids) every this many steps; 0 disables validation."""
     checkpoint_every_n_steps: int = 200
     """A resumable ``last.ckpt`` every this many steps (written atomically)."""
-    gradient_clip: float = 10.0
-    """Gradient norm clip (the systems clip themselves under manual optimisation)."""
     deterministic: bool = False
     """torch deterministic algorithms (bitwise-reproducible CPU runs, slower on GPU)."""
     progress_bar: bool = True
