@@ -252,7 +252,7 @@ def test_fsdp_preset_wraps_blocks_and_needs_a_gpu(tmp_path):
     """``trainer=fsdp`` composes into a full-shard strategy over the LM's blocks with activation checkpointing.
 
     Lightning runs FSDP only on CUDA: with ``accelerator=cpu`` it refuses ("The strategy `fsdp` requires a
-    GPU accelerator"), so the training step is :func:`test_lm_fsdp_step_on_gpu`. Should Lightning ever
+    GPU accelerator"), so the training step is :func:`test_lm_steps_on_one_gpu`. Should Lightning ever
     accept the CPU, the last check fails and that test can move to the default suite.
     """
     from lightning.pytorch.strategies import FSDPStrategy
@@ -273,8 +273,11 @@ def test_fsdp_preset_wraps_blocks_and_needs_a_gpu(tmp_path):
 
 
 @pytest.mark.gpu
-def test_lm_fsdp_step_on_gpu(shard, tmp_path):
-    """One FSDP step of ``tools.train_lm`` on one GPU (CPU FSDP: see the test above).
+@pytest.mark.parametrize("preset", ["gpu", "fsdp"])
+def test_lm_steps_on_one_gpu(shard, tmp_path, preset):
+    """Two steps of ``tools.train_lm`` on one GPU, plain (bf16-mixed) and FSDP (CPU FSDP: see the test above),
+    with the fused AdamW and the systems' own gradient clipping: Lightning's refuses a fused optimizer under
+    mixed precision and any norm clipping under FSDP (tests/lm/test_system.py reproduces the first on the CPU).
 
     One device: with more, Lightning would start the other ranks by rerunning this process's command,
     which is pytest.
@@ -286,36 +289,9 @@ def test_lm_fsdp_step_on_gpu(shard, tmp_path):
         pytest.skip("no CUDA device")
     checkpoint, shard_dir = shard
     overrides = [
-        "trainer=fsdp",
-        "trainer.devices=1",
-        "trainer.max_steps=1",
-        "trainer.val_every_n_steps=0",
-        "trainer.progress_bar=false",
-        "lm=tiny",
-        f"tokenizer.checkpoint={checkpoint}",
-        f"data.shard_dirs=[{shard_dir}]",
-        "data.batch_size=2",
-        "text_vocab_size=300",
-        f"run_dir={tmp_path / 'fsdp'}",
-    ]
-    out = train(compose("train_lm", overrides))
-    assert load_model(out).vocab.grid == (8, 8)
-
-
-@pytest.mark.gpu
-def test_lm_step_on_one_gpu_with_fused_adamw_and_clipping(shard, tmp_path):
-    """``trainer=gpu`` (bf16-mixed) with the fused AdamW and gradient clipping, which Lightning's own clipping
-    refuses (tests/lm/test_system.py reproduces that on the CPU)."""
-    from lm import load_model
-    from tools.train_lm import train
-
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    checkpoint, shard_dir = shard
-    overrides = [
-        "trainer=gpu", "trainer.devices=1", "trainer.max_steps=2", "trainer.val_every_n_steps=0",
+        f"trainer={preset}", "trainer.devices=1", "trainer.max_steps=2", "trainer.val_every_n_steps=0",
         "trainer.progress_bar=false", "lm=tiny", f"tokenizer.checkpoint={checkpoint}",
-        f"data.shard_dirs=[{shard_dir}]", "data.batch_size=2", "text_vocab_size=300", f"run_dir={tmp_path / 'gpu'}",
+        f"data.shard_dirs=[{shard_dir}]", "data.batch_size=2", "text_vocab_size=300", f"run_dir={tmp_path / preset}",
     ]  # fmt: skip
     out = train(compose("train_lm", overrides))
     assert load_model(out).vocab.grid == (8, 8)
