@@ -108,7 +108,7 @@ class RMSNorm(nn.RMSNorm):
 
 def _sdpa(q, k, v, mask, is_causal: bool, dropout_p: float, gqa: bool) -> torch.Tensor:
     """``F.scaled_dot_product_attention``; on the CPU in fp32 whatever the autocast: torch's CPU kernels are
-    slower in bf16 than in fp32 at these head sizes (the backward ~3x), so a bf16-autocast training step of
+    ~2.5x slower in bf16 than in fp32 at these head sizes, forward + backward, so a bf16-autocast training step of
     the ``small`` LM is ~20 % faster this way (docs/BENCHMARKS.md)."""
     if q.device.type != "cpu" or (q.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
         return F.scaled_dot_product_attention(
