@@ -494,6 +494,52 @@ class DecoderLM(nn.Module):
         """Embedding (N, D) of codes (N,) in [0, V) of sub-codebook ``step`` (the shared image table)."""
         return self.image_embed(codes + step * self.vocab.codebook_size)
 
+    @torch.no_grad()
+    def init_image_tables(
+        self, codebook: torch.Tensor, inputs: bool = True, heads: bool = True, seed: int = 0
+    ) -> None:
+        """Start the image sub-code tables from the image tokenizer's code vectors instead of noise.
+
+        codebook (K, V, d): the tokenizer's ``quantizer.codebook``. Sub-codebook k's input embeddings
+        become its code vectors in d columns of one random orthonormal basis of the model width, the
+        columns of different k disjoint, so a position's summed embedding is a fixed rotation of its
+        quantized latent; with ``heads`` each depth step's output matrix likewise holds its code vectors
+        in a random d-dim basis of the head's width. Codes close in the tokenizer's latent thus start
+        close for the LM, which otherwise learns each of the K*V codes' rows from its own occurrences.
+        Row norms match the random initialisation's, so the loss starts where it would.
+        """
+        k, v = self.vocab.num_codebooks, self.vocab.codebook_size
+        if codebook.dim() != 3 or tuple(codebook.shape[:2]) != (k, v):
+            raise InputError(f"codebook: expected (K={k}, V={v}, d), got {tuple(codebook.shape)}")
+        d = codebook.shape[-1]
+        codes = codebook.detach().float().cpu()
+        codes = codes - codes.mean(1, keepdim=True)  # centred per sub-codebook (FSQ / LFQ grids are not)
+        codes = codes / codes.norm(dim=-1).mean(1, keepdim=True)[..., None].clamp(min=1e-6)
+        gen = torch.Generator().manual_seed(seed)
+        std = self.config.init_std
+
+        def basis(width: int, columns: int, what: str) -> torch.Tensor:
+            if columns > width:
+                raise InputError(
+                    f"codebook: {columns} code dimensions ({what}) do not fit the width {width} "
+                    "as orthogonal columns"
+                )
+            q, _ = torch.linalg.qr(torch.randn(width, columns, generator=gen))
+            return q
+
+        if inputs:
+            embed = self.image_embed.weight
+            table = torch.einsum(
+                "kvd,kdw->kvw", codes, basis(self.dim, k * d, "K*d, the inputs").T.reshape(k, d, self.dim)
+            )
+            embed.copy_((table * std * math.sqrt(self.dim)).reshape(k * v, self.dim).to(embed))
+        if heads:
+            head = self.depth.head
+            width = head.shape[-1]
+            rows = torch.stack([codes[i] @ basis(width, d, "d, the depth head").T for i in range(k)])
+            # logits start at the random head's scale: y (RMS 1 per channel) against rows of norm std*sqrt(width)
+            head.copy_((rows * std * math.sqrt(width)).to(head))
+
     # ----------------------------------------------------------------------------------------- losses
     def _losses(self, out: LMOutput, labels: torch.Tensor) -> None:
         vocab, hidden = self.vocab, out.hidden

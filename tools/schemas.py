@@ -77,6 +77,9 @@ class EncodeRun:
     """Split written to rows whose data names none (phantoms, folders, volumes); None reads as train."""
 
 
+IMAGE_INITS = ("random", "codebook", "codebook_inputs", "codebook_heads")
+
+
 @dataclass
 class TrainLMRun:
     """``tools/train_lm.py``: train the unified LM on code shards (and record files) of one image tokenizer."""
@@ -105,8 +108,14 @@ class TrainLMRun:
     """Resume from ``<run_dir>/checkpoints/last.ckpt`` when present."""
     seed: int = 0
     """Seed for the weights (the data order has its own ``data.seed``)."""
+    image_init: str = "random"
+    """How a new LM's image sub-code tables start: ``random``; ``codebook`` (input embeddings and depth-head
+    output matrices from the image tokenizer's code vectors, :meth:`lm.model.DecoderLM.init_image_tables`);
+    ``codebook_inputs`` / ``codebook_heads`` (only one of the two). Ignored with ``init_from``."""
 
     def __post_init__(self) -> None:
+        if self.image_init not in IMAGE_INITS:
+            raise ValueError(f"image_init: expected one of {IMAGE_INITS}, got {self.image_init!r}")
         if self.text_vocab_size < 256:
             raise ValueError(
                 f"text_vocab_size must be >= 256 (the byte alphabet), got {self.text_vocab_size}"

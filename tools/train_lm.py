@@ -82,9 +82,10 @@ TRAINING_OPTIONS = ("dropout", "attn_backend", "grad_checkpointing", "z_loss_wei
 """The ``lm`` fields a run sets on a model it starts from (``init_from``); the others are its architecture."""
 
 
-def build_system(run: TrainLMRun, vocab, init=None):
+def build_system(run: TrainLMRun, vocab, init=None, codebook=None):
     """The LightningModule: the LM of ``run.lm`` over ``vocab``, AdamW over ``trainer.max_steps``; with ``init``
-    (a loaded :class:`lm.api.UnifiedModel`) its architecture and weights, and ``run.lm``'s training options."""
+    (a loaded :class:`lm.api.UnifiedModel`) its architecture and weights, and ``run.lm``'s training options;
+    without, image tables as ``run.image_init`` says (``codebook``: the image tokenizer's (K, V, d) vectors)."""
     from lm.system import LMSystem, LMTrainConfig
 
     model_config = run.lm
@@ -108,6 +109,11 @@ def build_system(run: TrainLMRun, vocab, init=None):
     system = LMSystem(config)
     if init is not None:
         system.model.load_state_dict(init.lm.state_dict())
+    elif run.image_init != "random":
+        if codebook is None:
+            raise ValueError(f"image_init={run.image_init} needs the image tokenizer's codebook")
+        inputs, heads = run.image_init in ("codebook", "codebook_inputs"), run.image_init != "codebook_inputs"
+        system.model.init_image_tables(codebook, inputs=inputs, heads=heads, seed=run.seed)
     return system
 
 
@@ -184,7 +190,7 @@ def train(run: TrainLMRun) -> Path:
     text_tokenizer = init.text_tokenizer if init is not None else build_text_tokenizer(run, shards, run_dir)
     vocab = vocab_for(text_tokenizer, image_tokenizer)
     build_vocab(text_tokenizer, shards, vocab)  # every shard must match the tokenizer checkpoint
-    system = build_system(run, vocab, init)
+    system = build_system(run, vocab, init, image_tokenizer.quantizer.codebook)
     data = LMDataModule(run.data, text_tokenizer, vocab)
     trainer = build_trainer(run.trainer, run_dir, block_types=(Block,))
     ckpt = last_checkpoint(run_dir) if run.resume else None

@@ -112,6 +112,35 @@ def test_image_embedding_is_sum_of_subcodes_plus_2d_position(model):
     torch.testing.assert_close(x[0], model.text_embed.weight[VOCAB.bos])
 
 
+def test_image_tables_start_from_the_tokenizer_codebook(model):
+    g = torch.Generator().manual_seed(0)
+    codebook = F.normalize(torch.randn(3, 64, 4, generator=g), dim=-1)
+    model.init_image_tables(codebook)
+    centred = codebook - codebook.mean(1, keepdim=True)
+    embed = model.image_embed.weight.view(3, 64, -1)
+    for table in (embed, model.depth.head):  # within a sub-codebook: the code vectors' geometry, one scale
+        for k in range(3):
+            gram, ref = table[k] @ table[k].T, centred[k] @ centred[k].T
+            torch.testing.assert_close(gram / gram.diagonal().mean(), ref / ref.diagonal().mean())
+    assert (embed[0] @ embed[2].T).abs().max() < 1e-6  # sub-codebooks in disjoint directions
+    # a depth output along code 5's row scores code 5 first and the codes nearest to it next
+    scores = model.depth.head[1] @ model.depth.head[1, 5]
+    nearest = (centred[1] @ centred[1, 5]).argsort(descending=True)
+    assert scores.argmax() == 5 and scores.argsort(descending=True)[:4].tolist() == nearest[:4].tolist()
+    tokens, image_pos, labels = random_batch(VOCAB, b=16, t=24)
+    image_loss = model(tokens, image_pos, labels=labels).image_loss.item()
+    assert image_loss == pytest.approx(math.log(VOCAB.codebook_size), abs=0.1)  # starts where random does
+    head = model.depth.head.clone()
+    model.init_image_tables(codebook.flip(1), heads=False)
+    torch.testing.assert_close(model.depth.head, head)
+    with pytest.raises(InputError, match=r"expected \(K=3, V=64, d\)"):
+        model.init_image_tables(codebook[:, :63])
+    with pytest.raises(InputError, match=r"48 code dimensions \(K\*d, the inputs\) do not fit the width 32"):
+        model.init_image_tables(torch.randn(3, 64, 16))
+    with pytest.raises(InputError, match=r"40 code dimensions \(d, the depth head\) do not fit the width 32"):
+        model.init_image_tables(torch.randn(3, 64, 40), inputs=False)
+
+
 def test_causal_and_padding_invariance(model):
     tokens, image_pos, _ = random_batch(VOCAB, b=2, t=20)
     full = model(tokens, image_pos).hidden

@@ -72,6 +72,35 @@ def test_grounding_needs_its_targets_and_its_weight():
             build_system(make_run("lm=tiny", "tokenizer.checkpoint=c", half), vocab)
 
 
+def test_image_init_takes_the_tokenizer_codebook():
+    vocab = Vocab(300, 2, 16, (2, 2))
+    codebook = torch.nn.functional.normalize(torch.randn(2, 16, 4), dim=-1)
+    tables = {}
+    for init in ("random", "codebook", "codebook_inputs", "codebook_heads"):
+        run = make_run("lm=tiny", "tokenizer.checkpoint=c", f"image_init={init}")
+        torch.manual_seed(0)
+        model = build_system(run, vocab, codebook=codebook).model
+        tables[init] = model.image_embed.weight, model.depth.head
+    embed = tables["codebook"][0].view(2, 16, -1)
+    centred = codebook[0] - codebook[0].mean(0)
+    gram = torch.stack([(embed[0] @ embed[0].T).flatten(), (centred @ centred.T).flatten()])
+    assert torch.corrcoef(gram)[0, 1] > 0.999
+    torch.testing.assert_close(tables["codebook_inputs"][0], tables["codebook"][0])
+    torch.testing.assert_close(tables["codebook_inputs"][1], tables["random"][1])  # the heads left random
+    assert not torch.allclose(tables["codebook"][1], tables["random"][1])
+    torch.testing.assert_close(tables["codebook_heads"][0], tables["random"][0])  # the inputs left random
+    heads = tables["codebook_heads"][1][1]
+    centred = codebook[1] - codebook[1].mean(0)
+    assert (
+        torch.corrcoef(torch.stack([(heads @ heads.T).flatten(), (centred @ centred.T).flatten()]))[0, 1]
+        > 0.999
+    )
+    with pytest.raises(ValueError, match="needs the image tokenizer's codebook"):
+        build_system(make_run("lm=tiny", "tokenizer.checkpoint=c", "image_init=codebook"), vocab)
+    with pytest.raises(ValueError, match="image_init: expected one of"):
+        make_run("lm=tiny", "tokenizer.checkpoint=c", "image_init=kmeans")
+
+
 def test_cpu_smoke_run_exports_a_model_and_the_cli_uses_it(checkpoint_and_shard, tmp_path, capsys):
     checkpoint, shard = checkpoint_and_shard
     run_dir = tmp_path / "run"
