@@ -111,7 +111,7 @@ class TrainLMRun:
     image_init: str = "random"
     """How a new LM's image sub-code tables start: ``random``; ``codebook`` (input embeddings and depth-head
     output matrices from the image tokenizer's code vectors, :meth:`lm.model.DecoderLM.init_image_tables`);
-    ``codebook_inputs`` / ``codebook_heads`` (only one of the two). Ignored with ``init_from``."""
+    ``codebook_inputs`` / ``codebook_heads`` (only one of the two). Only ``random`` with ``init_from``."""
 
     def __post_init__(self) -> None:
         if self.image_init not in IMAGE_INITS:

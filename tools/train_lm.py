@@ -83,9 +83,11 @@ TRAINING_OPTIONS = ("dropout", "attn_backend", "grad_checkpointing", "z_loss_wei
 
 
 def build_system(run: TrainLMRun, vocab, init=None, codebook=None):
-    """The LightningModule: the LM of ``run.lm`` over ``vocab``, AdamW over ``trainer.max_steps``; with ``init``
-    (a loaded :class:`lm.api.UnifiedModel`) its architecture and weights, and ``run.lm``'s training options;
-    without, image tables as ``run.image_init`` says (``codebook``: the image tokenizer's (K, V, d) vectors)."""
+    """The LightningModule: the LM of ``run.lm`` over ``vocab``, AdamW over ``trainer.max_steps``.
+
+    With ``init`` (a loaded :class:`lm.api.UnifiedModel`): its architecture and weights, and ``run.lm``'s
+    training options. Without: image tables as ``run.image_init`` says, from ``codebook`` (K, V, d), the
+    image tokenizer's code vectors, unless ``random``."""
     from lm.system import LMSystem, LMTrainConfig
 
     model_config = run.lm
@@ -106,6 +108,10 @@ def build_system(run: TrainLMRun, vocab, init=None, codebook=None):
     config = LMTrainConfig(
         model=model_config, vocab=vocab.to_dict(), optim=run.optim, max_steps=run.trainer.max_steps
     )
+    if init is not None and run.image_init != "random":
+        raise ValueError(
+            f"image_init={run.image_init} with init_from={run.init_from}: its image tables come with it"
+        )
     system = LMSystem(config)
     if init is not None:
         system.model.load_state_dict(init.lm.state_dict())
