@@ -77,7 +77,13 @@ class EncodeRun:
     """Split written to rows whose data names none (phantoms, folders, volumes); None reads as train."""
 
 
-IMAGE_INITS = ("random", "codebook", "codebook_inputs", "codebook_heads")
+IMAGE_INITS: dict[str, tuple[str, ...]] = {
+    "random": (),
+    "codebook": ("inputs", "heads"),
+    "codebook_inputs": ("inputs",),
+    "codebook_heads": ("heads",),
+}
+"""``image_init`` values and the image tables each starts from the tokenizer's code vectors."""
 
 
 @dataclass
@@ -115,7 +121,7 @@ class TrainLMRun:
 
     def __post_init__(self) -> None:
         if self.image_init not in IMAGE_INITS:
-            raise ValueError(f"image_init: expected one of {IMAGE_INITS}, got {self.image_init!r}")
+            raise ValueError(f"image_init: expected one of {tuple(IMAGE_INITS)}, got {self.image_init!r}")
         if self.text_vocab_size < 256:
             raise ValueError(
                 f"text_vocab_size must be >= 256 (the byte alphabet), got {self.text_vocab_size}"

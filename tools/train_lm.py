@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from tools.schemas import TrainLMRun, register
+from tools.schemas import IMAGE_INITS, TrainLMRun, register
 
 log = logging.getLogger(__name__)
 register()
@@ -108,18 +108,20 @@ def build_system(run: TrainLMRun, vocab, init=None, codebook=None):
     config = LMTrainConfig(
         model=model_config, vocab=vocab.to_dict(), optim=run.optim, max_steps=run.trainer.max_steps
     )
-    if init is not None and run.image_init != "random":
+    tables = IMAGE_INITS[run.image_init]
+    if init is not None and tables:
         raise ValueError(
             f"image_init={run.image_init} with init_from={run.init_from}: its image tables come with it"
         )
+    if tables and codebook is None:
+        raise ValueError(f"image_init={run.image_init} needs the image tokenizer's codebook")
     system = LMSystem(config)
     if init is not None:
         system.model.load_state_dict(init.lm.state_dict())
-    elif run.image_init != "random":
-        if codebook is None:
-            raise ValueError(f"image_init={run.image_init} needs the image tokenizer's codebook")
-        inputs, heads = run.image_init in ("codebook", "codebook_inputs"), run.image_init != "codebook_inputs"
-        system.model.init_image_tables(codebook, inputs=inputs, heads=heads, seed=run.seed)
+    elif tables:
+        system.model.init_image_tables(
+            codebook, inputs="inputs" in tables, heads="heads" in tables, seed=run.seed
+        )
     return system
 
 
