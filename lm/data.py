@@ -21,6 +21,10 @@ Tasks (mixed per epoch by ``LMDataConfig.mix``):
   value, which the answers alone do not teach a small LM in a CPU budget (docs/BENCHMARKS.md); these records
   are a few dozen tokens each, so batches of them (``group_by_task``) cost little.
 
+With ``understanding_image_loss`` the image→text records of ``caption`` and ``vqa`` also carry loss on the image
+they open with: ``<bos><boi> image`` is the unconditional record guidance contrasts with, so each becomes one
+more (free: the backbone runs over those positions anyway) beside the ``cond_dropout`` records.
+
 With ``grounding`` the sequences of rows whose ``attributes`` list phantom findings also carry the auxiliary
 targets of :mod:`lm.grounding` (what each region holds; in text→image records, at every image position; in VQA
 records, the class of the region each question names, where its answer is predicted; the modality at every
@@ -232,6 +236,17 @@ class ShardResolver:
 
 
 # --------------------------------------------------------------------------------- config
+def learn_leading_image(seq: Sequence, vocab: Vocab) -> None:
+    """Give a sequence that opens with ``<bos><boi>`` loss on that ``<boi>``, its image positions and ``<eoi>``
+    (in place), as an unconditional text→image record has."""
+    tokens = seq.tokens[:, 0]
+    if len(tokens) < 2 or tokens[1] != vocab.boi:
+        return
+    ends = (tokens == vocab.eoi).nonzero()
+    last = int(ends[0, 0]) if len(ends) else len(tokens) - 1  # a cut record keeps what it has
+    seq.labels[:last] = seq.tokens[1 : last + 1]
+
+
 @dataclass
 class LMDataConfig:
     """What the LM trains on and how it is batched."""
@@ -258,6 +273,10 @@ class LMDataConfig:
     vqa_explain: bool = False
     """Yes/no answers about a region's size or intensity name the seen value first ("small, so no"; needed by
     the ``compare`` task)."""
+    understanding_image_loss: bool = False
+    """Image→text records (reports, VQA) also learn the image they open with. Their ``<bos><boi> image`` is
+    the unconditional layout guidance contrasts with, and the backbone runs over it anyway, so this adds
+    unconditional image training at the cost of the depth head alone."""
     grounding: bool = False
     """Grounding targets (:mod:`lm.grounding`) for the records of rows whose ``attributes`` list phantom
     findings: each region's finding at ``<eoi>``, and in text→image records each image position's; trained
@@ -478,6 +497,8 @@ class LMDataset(IterableDataset):
                 seq.grounding = sequence_targets(
                     seq.image_pos, eoi, classes, self.vocab.grid, place, answers, row_modality(row)
                 )
+        if cfg.understanding_image_loss and "image" in record.get("segments", [{}])[0]:
+            learn_leading_image(seq, self.vocab)
         return seq
 
     def _replaceable(self, plan: np.ndarray, position: int, skipped: Counter) -> Sequence:

@@ -14,6 +14,7 @@ from lm.data import (
     LMDataset,
     ShardResolver,
     caption_record,
+    learn_leading_image,
     text_corpus,
     text_to_image_prompt,
     vqa_record,
@@ -145,6 +146,35 @@ def test_condition_dropout_gives_the_unconditional_prompt(env):
         first = r["segments"][0]
         kinds["image_first" if "image" in first else ("uncond" if first["text"] == "" else "cond")] += 1
     assert 900 < kinds["image_first"] < 1100 and 60 < kinds["uncond"] < 140  # 50% and 5%
+
+
+def test_understanding_records_can_learn_their_image_as_an_unconditional_one(env):
+    vocab = env["vocab"]
+    row = env["shard"].row(2)
+    record = caption_record(row, "phantoms:2", np.random.default_rng(0), image_first=1.0, cond_dropout=0.0)
+    seq = _build(env, record)
+    learn_leading_image(seq, vocab)
+    unconditional = _build(env, caption_record(row, "phantoms:2", np.random.default_rng(0), image_first=0.0,
+                                               cond_dropout=1.0))  # fmt: skip
+    n = 2 + HW  # <boi>, the image and <eoi>: what <bos> and the image positions predict
+    assert torch.equal(seq.labels[:n], unconditional.labels[:n])
+    targets = _targets(seq)[:, 0].tolist()
+    assert targets[-1] == vocab.eos and env["tok"].decode(targets[n:-1]) == row["caption"]  # still learnt
+    text_first = _build(env, caption_record(row, "phantoms:2", np.random.default_rng(0), image_first=0.0,
+                                             cond_dropout=0.0))  # fmt: skip
+    before = text_first.labels.clone()
+    learn_leading_image(text_first, vocab)
+    assert torch.equal(text_first.labels, before)  # a prompt before the image: nothing to add
+
+    def image_labels(**cfg):
+        batches = _epoch(
+            _dataset(env, mix={"caption": 1.0, "vqa": 1.0, "records": 0.0}, image_first=1.0, **cfg), 0
+        )
+        return sum(int(vocab.is_image(b.labels[..., 0]).sum()) for b in batches)
+
+    # captions, rows with qa and the malformed row's refilled slot: each opens with its image
+    slots = 15 + 4 + 1
+    assert image_labels() == 0 and image_labels(understanding_image_loss=True) == slots * HW
 
 
 def test_report_first_vqa_record_trains_the_report_then_the_answers(env):
