@@ -23,7 +23,8 @@ Tasks (mixed per epoch by ``LMDataConfig.mix``):
 
 With ``understanding_image_loss`` the image→text records of ``caption`` and ``vqa`` also carry loss on the image
 they open with: ``<bos><boi> image`` is the unconditional record guidance contrasts with, so each becomes one
-more (free: the backbone runs over those positions anyway) beside the ``cond_dropout`` records.
+more beside the ``cond_dropout`` records (the backbone runs over those positions anyway; the depth head has more to
+do).
 
 With ``grounding`` the sequences of rows whose ``attributes`` list phantom findings also carry the auxiliary
 targets of :mod:`lm.grounding` (what each region holds; in text→image records, at every image position; in VQA
@@ -235,7 +236,6 @@ class ShardResolver:
         return self.shards[name].codes(int(row))
 
 
-# --------------------------------------------------------------------------------- config
 def learn_leading_image(seq: Sequence, vocab: Vocab) -> None:
     """Give a sequence that opens with ``<bos><boi>`` loss on that ``<boi>``, its image positions and ``<eoi>``
     (in place), as an unconditional text→image record has."""
@@ -247,6 +247,7 @@ def learn_leading_image(seq: Sequence, vocab: Vocab) -> None:
     seq.labels[:last] = seq.tokens[1 : last + 1]
 
 
+# --------------------------------------------------------------------------------- config
 @dataclass
 class LMDataConfig:
     """What the LM trains on and how it is batched."""
@@ -276,7 +277,8 @@ class LMDataConfig:
     understanding_image_loss: bool = False
     """Image→text records (reports, VQA) also learn the image they open with. Their ``<bos><boi> image`` is
     the unconditional layout guidance contrasts with, and the backbone runs over it anyway, so this adds
-    unconditional image training at the cost of the depth head alone."""
+    unconditional image training at the cost of depth-head work (up to a quarter more per step of the
+    quickstart's LM, docs/BENCHMARKS.md)."""
     grounding: bool = False
     """Grounding targets (:mod:`lm.grounding`) for the records of rows whose ``attributes`` list phantom
     findings: each region's finding at ``<eoi>``, and in text→image records each image position's; trained
@@ -497,8 +499,8 @@ class LMDataset(IterableDataset):
                 seq.grounding = sequence_targets(
                     seq.image_pos, eoi, classes, self.vocab.grid, place, answers, row_modality(row)
                 )
-        if cfg.understanding_image_loss and "image" in record.get("segments", [{}])[0]:
-            learn_leading_image(seq, self.vocab)
+        if cfg.understanding_image_loss and TASKS[task] in ("caption", "vqa"):
+            learn_leading_image(seq, self.vocab)  # an image→text record's image (a no-op for text→image)
         return seq
 
     def _replaceable(self, plan: np.ndarray, position: int, skipped: Counter) -> Sequence:

@@ -144,8 +144,8 @@ def train_lm(v: Variant, tokenizer: Path, shards: list[Path], stages: Path, devi
         "data.vqa_turns=3",
         "data.image_first=0.25",
         "data.vqa_report_first=0.5",
-        # the reports' and VQA's images learnt too, as unconditional ones: free image steps, which draw the
-        # prompted findings in place more often at guidance 3 (understanding_image_loss in docs/BENCHMARKS.md)
+        # the reports' and VQA's images learnt too, as unconditional ones: more depth-head work per step, and
+        # the prompted findings drawn in place more often at guidance 3 (understanding_image_loss in BENCHMARKS)
         "data.understanding_image_loss=true",
         # what each quadrant holds as an auxiliary target (lm/grounding.py), on the middle block: it lets
         # prompts place findings and questions find the region they name (lm37 in docs/BENCHMARKS.md)
