@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,8 +170,12 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_resolved_config(run_dir: Path, config: dict) -> None:
-    """Save the fully resolved run config beside the run's outputs."""
+    """Save the fully resolved run config beside the run's outputs.
+
+    Every rank of a multi-process run may call this at once: each writes its own temporary file (a shared name
+    let one rank rename the file away under another), and the identical copies replace each other atomically.
+    """
+    from tokenizer.atomic import atomic_write_text
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2, default=str))
-    os.replace(tmp, run_dir / "config.json")
+    atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2, default=str))

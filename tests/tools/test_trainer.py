@@ -1,8 +1,11 @@
+import json
+from concurrent.futures import ThreadPoolExecutor
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
-from tools.trainer import TrainerConfig, build_trainer
+from tools.trainer import TrainerConfig, build_trainer, save_resolved_config
 
 
 class Line(pl.LightningModule):
@@ -25,3 +28,17 @@ def test_step_limited_run_names_its_last_step(tmp_path):
     titles = [t.description for t in bar.progress.tasks]
     assert titles[0] == "Epoch 0 (run ends at step 3)", titles  # Lightning's own title: "Epoch 0/-2"
     assert trainer.global_step == 3
+
+
+def test_ranks_can_save_the_resolved_config_at_once(tmp_path):
+    # every rank of a DDP run saves the config: a shared temporary name let one rank rename it away under another
+    config = {"lr": 1e-3, "name": "x" * 10_000}
+
+    def save(_):
+        for _ in range(50):
+            save_resolved_config(tmp_path, config)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(save, range(4)))
+    assert json.loads((tmp_path / "config.json").read_text()) == config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no temporary file left
