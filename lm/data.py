@@ -499,6 +499,7 @@ class LMDataset(IterableDataset):
                 seq.grounding = sequence_targets(
                     seq.image_pos, eoi, classes, self.vocab.grid, place, answers, row_modality(row)
                 )
+        # last: the grounding above finds the answers as the trained text spans, which the image must not join
         if cfg.understanding_image_loss and TASKS[task] in ("caption", "vqa"):
             learn_leading_image(seq, self.vocab)  # an image→text record's image (a no-op for text→image)
         return seq

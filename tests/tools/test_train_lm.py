@@ -82,9 +82,8 @@ def test_image_init_takes_the_tokenizer_codebook():
         model = build_system(run, vocab, codebook=codebook).model
         tables[init] = model.image_embed.weight.view(2, 16, -1), model.depth.head
 
-    def has_codebook_geometry(
-        table: torch.Tensor,
-    ) -> bool:  # sub-codebook 1's rows: the codes' inner products
+    def has_codebook_geometry(table: torch.Tensor) -> bool:
+        """Sub-codebook 1's rows have the code vectors' inner products (up to scale)."""
         centred = codebook[1] - codebook[1].mean(0)
         grams = torch.stack([(table[1] @ table[1].T).flatten(), (centred @ centred.T).flatten()])
         return bool(torch.corrcoef(grams)[0, 1] > 0.999)
