@@ -198,7 +198,8 @@ def train(run: TrainLMRun) -> Path:
     text_tokenizer = init.text_tokenizer if init is not None else build_text_tokenizer(run, shards, run_dir)
     vocab = vocab_for(text_tokenizer, image_tokenizer)
     build_vocab(text_tokenizer, shards, vocab)  # every shard must match the tokenizer checkpoint
-    system = build_system(run, vocab, init, image_tokenizer.quantizer.codebook)
+    codebook = image_tokenizer.quantizer.codebook if IMAGE_INITS[run.image_init] else None
+    system = build_system(run, vocab, init, codebook)
     data = LMDataModule(run.data, text_tokenizer, vocab)
     trainer = build_trainer(run.trainer, run_dir, block_types=(Block,))
     ckpt = last_checkpoint(run_dir) if run.resume else None
