@@ -21,8 +21,8 @@ Tasks (mixed per epoch by ``LMDataConfig.mix``):
   value, which the answers alone do not teach a small LM in a CPU budget (docs/BENCHMARKS.md); these records
   are a few dozen tokens each, so batches of them (``group_by_task``) cost little.
 
-With ``understanding_image_loss`` the image→text records of ``caption`` and ``vqa`` also carry loss on the image
-they open with: ``<bos><boi> image`` is the unconditional record guidance contrasts with, so each becomes one
+With ``understanding_image_loss`` (a share) the image→text records of ``caption`` and ``vqa`` also carry loss on
+the image they open with: ``<bos><boi> image`` is the unconditional record guidance contrasts with, so each becomes one
 more beside the ``cond_dropout`` records (the backbone runs over those positions anyway; the depth head has more to
 do).
 
@@ -274,11 +274,11 @@ class LMDataConfig:
     vqa_explain: bool = False
     """Yes/no answers about a region's size or intensity name the seen value first ("small, so no"; needed by
     the ``compare`` task)."""
-    understanding_image_loss: bool = False
-    """Image→text records (reports, VQA) also learn the image they open with. Their ``<bos><boi> image`` is
-    the unconditional layout guidance contrasts with, and the backbone runs over it anyway, so this adds
-    unconditional image training at the cost of depth-head work (up to a quarter more per step of the
-    quickstart's LM, docs/BENCHMARKS.md)."""
+    understanding_image_loss: float = 0.0
+    """Share of the image→text records (reports, VQA) that also learn the image they open with (0 = none,
+    1 = all). Their ``<bos><boi> image`` is the unconditional layout guidance contrasts with, and the backbone
+    runs over it anyway, so this adds unconditional image training at the cost of depth-head work (a quarter
+    more per step of the quickstart's LM at 1, docs/BENCHMARKS.md)."""
     grounding: bool = False
     """Grounding targets (:mod:`lm.grounding`) for the records of rows whose ``attributes`` list phantom
     findings: each region's finding at ``<eoi>``, and in text→image records each image position's; trained
@@ -315,7 +315,8 @@ class LMDataConfig:
             raise ValueError(
                 f"mix.compare={self.mix['compare']} trains the last step of explained answers; set vqa_explain=true"
             )
-        for name in ("image_first", "cond_dropout", "vqa_report_first", "max_bad_fraction"):
+        shares = ("image_first", "cond_dropout", "vqa_report_first", "understanding_image_loss")
+        for name in (*shares, "max_bad_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.vqa_turns < 0:
@@ -500,7 +501,8 @@ class LMDataset(IterableDataset):
                     seq.image_pos, eoi, classes, self.vocab.grid, place, answers, row_modality(row)
                 )
         # last: the grounding above finds the answers as the trained text spans, which the image must not join
-        if cfg.understanding_image_loss and TASKS[task] in ("caption", "vqa"):
+        # (the draw comes after every other one, so the share leaves the rest of the record as it was)
+        if TASKS[task] in ("caption", "vqa") and rng.random() < cfg.understanding_image_loss:
             learn_leading_image(seq, self.vocab)  # an image→text record's image (a no-op for text→image)
         return seq
 

@@ -174,7 +174,9 @@ def test_understanding_records_can_learn_their_image_as_an_unconditional_one(env
 
     # captions, rows with qa and the malformed row's refilled slot: each opens with its image
     slots = 15 + 4 + 1
-    assert image_labels() == 0 and image_labels(understanding_image_loss=True) == slots * HW
+    assert image_labels() == 0 and image_labels(understanding_image_loss=1.0) == slots * HW
+    share = image_labels(understanding_image_loss=0.5)
+    assert share % HW == 0 and 0 < share < slots * HW  # some of the records, whole images each
 
 
 def test_report_first_vqa_record_trains_the_report_then_the_answers(env):
@@ -321,6 +323,8 @@ def test_config_validation():
         LMDataConfig(mix={"captions": 1.0})
     with pytest.raises(ValueError, match="cond_dropout"):
         LMDataConfig(cond_dropout=1.5)
+    with pytest.raises(ValueError, match=r"understanding_image_loss must lie in \[0, 1\], got -0.5"):
+        LMDataConfig(understanding_image_loss=-0.5)
 
 
 def test_data_module(env):
