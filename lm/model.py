@@ -380,8 +380,11 @@ class DecoderLM(nn.Module):
         codes = (tokens - vocab.image_offset).clamp(0, vocab.num_image_ids - 1)
         pos = image_pos.clamp(min=0)
         grid_w = vocab.grid[1]
+        # the K sub-code rows summed by embedding_bag: no (B, T, K, D) gather to hold, sum and back-propagate
+        # (20 MB of a quickstart batch; its forward + backward in half the time, docs/BENCHMARKS.md)
+        summed = F.embedding_bag(codes.reshape(-1, vocab.num_codebooks), self.image_embed.weight, mode="sum")
         x_image = (
-            self.image_embed(codes).sum(-2) + self.row_embed(pos // grid_w) + self.col_embed(pos % grid_w)
+            summed.view(*codes.shape[:2], -1) + self.row_embed(pos // grid_w) + self.col_embed(pos % grid_w)
         )
         return torch.where(is_image, x_image, x_text)
 

@@ -110,6 +110,10 @@ def test_image_embedding_is_sum_of_subcodes_plus_2d_position(model):
     expected = model.image_embed.weight[sub].sum(0) + model.row_embed.weight[1] + model.col_embed.weight[1]
     torch.testing.assert_close(x[t], expected)
     torch.testing.assert_close(x[0], model.text_embed.weight[VOCAB.bos])
+    model.zero_grad()
+    x[t].sum().backward()  # each of the position's K sub-code rows gets the whole gradient, no other row any
+    grad = model.image_embed.weight.grad
+    assert torch.equal(grad[sub], torch.ones_like(grad[sub])) and int((grad != 0).any(1).sum()) == len(sub)
 
 
 def test_image_tables_start_from_the_tokenizer_codebook(model):
