@@ -282,6 +282,49 @@ def test_mix_weights_and_rank_split(env):
     assert len({len(p) for p in parts}) == 1 and not (parts[0] & parts[1]) and set().union(*parts) <= full
 
 
+def test_length_pool_batches_records_of_similar_length(env):
+    def seqs(batches):  # each batch's sequences, unpadded, as (length, tokens)
+        out = []
+        for b in batches:
+            keep = b.attention_mask
+            out.append([(int(keep[i].sum()), b.tokens[i][keep[i]].tolist()) for i in range(len(b))])
+        return out
+
+    mix = {"caption": 2.0, "vqa": 3.0, "records": 1.0}
+    plain = seqs(_epoch(_dataset(env, mix=mix), 0))
+    pooled = seqs(_epoch(_dataset(env, mix=mix, length_pool=3), 0))
+    assert sorted(s for b in pooled for s in b) == sorted(s for b in plain for s in b)  # the same sequences
+    assert [len(b) for b in pooled[-1:]] == [len(b) for b in plain[-1:]]  # one partial pool at the end
+
+    def padding(batches):
+        return sum(max(n for n, _ in b) * len(b) - sum(n for n, _ in b) for b in batches)
+
+    assert padding(pooled) < padding(plain)
+    ds = _dataset(env, mix=mix, length_pool=3)
+    ds.set_epoch(0)
+    plan = ds.plan()
+    built = 0
+    for p in range(len(plan)):  # the measured length is the sequence's (bad records are replaced later)
+        try:
+            seq = ds.sequence(plan, p)
+        except RecordRejected:
+            continue
+        assert ds._length(plan, p) == len(seq.tokens)
+        built += 1
+    assert built > 0.8 * len(plan)
+    for pool in range(-(-len(pooled) // 3)):  # a pool's batches hold consecutive runs of its sorted lengths
+        runs = sorted(sorted(ds._length(plan, int(p)) for p in b) for b in ds._pool(plan, pool))
+        flat = [n for run in runs for n in run]
+        assert flat == sorted(flat) and len(runs) == len(pooled[pool * 3 : pool * 3 + 3])
+    loader = EpochDataLoader(ds, epoch_fn=lambda: 0, num_workers=2)
+    assert seqs(loader) == pooled  # independent of the number of workers
+    resumed = _dataset(env, mix=mix, length_pool=3, max_bad_fraction=0.5)  # its tail has more bad records
+    resumed.start_batch = 4  # a resumed pass continues the same batches
+    assert seqs(_epoch(resumed, 0)) == pooled[4:]
+    val = {"split": "val", "shuffle": False, "max_bad_fraction": 0.5}
+    assert seqs(_epoch(_dataset(env, length_pool=3, **val), 0)) == seqs(_epoch(_dataset(env, **val), 0))
+
+
 def test_group_by_task_gives_one_task_per_batch(env):
     mix = {"caption": 2.0, "vqa": 3.0, "records": 1.0}
     plain, grouped = _dataset(env, mix=mix).plan(), _dataset(env, mix=mix, group_by_task=True).plan()
@@ -325,6 +368,8 @@ def test_config_validation():
         LMDataConfig(cond_dropout=1.5)
     with pytest.raises(ValueError, match=r"understanding_image_loss must lie in \[0, 1\], got -0.5"):
         LMDataConfig(understanding_image_loss=-0.5)
+    with pytest.raises(ValueError, match="length_pool must be >= 0 batches"):
+        LMDataConfig(length_pool=-1)
 
 
 def test_data_module(env):
