@@ -113,14 +113,26 @@ def _kill_after_step(proc, ckpt: Path, min_step: int, rng: random.Random, delay_
             seen = stamp
             step = _checkpoint_step(ckpt)
             if step >= min_step:
-                if step < delay_until:
-                    time.sleep(rng.uniform(0.0, 0.3))  # anywhere: mid-step, mid-save, between steps
+                if step < delay_until:  # anywhere: mid-step, mid-save, between steps
+                    _wait_unless_reached(ckpt, seen, rng.uniform(0.0, 0.3), delay_until)
                 os.kill(proc.pid, signal.SIGKILL)
                 break
         time.sleep(0.005)
     code = _reap(proc)
     assert code == -signal.SIGKILL, f"the run ended ({code}) before it could be killed"
     return _checkpoint_step(ckpt)
+
+
+def _wait_unless_reached(ckpt: Path, seen: int, seconds: float, step: int) -> None:
+    """Sleep ``seconds``, or less once ``ckpt`` holds ``step``: fast steps could otherwise run to the end."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        stamp = ckpt.stat().st_mtime_ns
+        if stamp != seen:
+            seen = stamp
+            if _checkpoint_step(ckpt) >= step:
+                return
+        time.sleep(0.005)
 
 
 def _assert_same_weights(path_a: Path, path_b: Path) -> None:
