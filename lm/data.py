@@ -278,8 +278,8 @@ class LMDataConfig:
     understanding_image_loss: float = 0.0
     """Share of the image→text records (reports, VQA) that also learn the image they open with (0 = none,
     1 = all). Their ``<bos><boi> image`` is the unconditional layout guidance contrasts with, and the backbone
-    runs over it anyway, so this adds unconditional image training at the cost of depth-head work (a quarter
-    more per step of the quickstart's LM at 1, docs/BENCHMARKS.md)."""
+    runs over it anyway, so this adds unconditional image training at the cost of depth-head work (the
+    quickstart's LM steps took 1.3 times as long at 1, 1.13-1.16 at 0.5; docs/BENCHMARKS.md)."""
     grounding: bool = False
     """Grounding targets (:mod:`lm.grounding`) for the records of rows whose ``attributes`` list phantom
     findings: each region's finding at ``<eoi>``, and in text→image records each image position's; trained
