@@ -479,23 +479,27 @@ class LMDataset(IterableDataset):
             return vqa_record(entries, ref, rng, caption if report_first else None), f"{ref} qa {sub}"
         return caption_record(row, ref, rng, image_first=cfg.image_first, cond_dropout=cfg.cond_dropout), ref
 
-    def _item_rng(self, position: int) -> np.random.Generator:
-        return np.random.default_rng([self.config.seed, self.epoch, position * self.world_size + self.rank])
-
-    def sequence(self, plan: np.ndarray, position: int) -> Sequence:
-        """Build the sequence of ``plan[position]``; raises RecordRejected."""
-        rng = self._item_rng(position)
+    def _build(self, plan: np.ndarray, position: int, resolver) -> tuple[Sequence, dict, np.random.Generator]:
+        """``plan[position]``'s record, built with ``resolver`` for its images, and the item's generator (its
+        further draws follow); raises RecordRejected."""
+        rng = np.random.default_rng([self.config.seed, self.epoch, position * self.world_size + self.rank])
         record, where = self.record(plan[position], rng)
         cfg = self.config
         seq = build_sequence(
             record,
             self.vocab,
             self.text_tokenizer.encode,
-            self.resolver,
+            resolver,
             max_len=cfg.max_len,
             truncate=cfg.truncate,
             where=where,
         )
+        return seq, record, rng
+
+    def sequence(self, plan: np.ndarray, position: int) -> Sequence:
+        """Build the sequence of ``plan[position]``; raises RecordRejected."""
+        seq, record, rng = self._build(plan, position, self.resolver)
+        cfg = self.config
         task, source, index, _ = (int(v) for v in plan[position])
         if cfg.grounding and TASKS[task] in ("caption", "vqa"):
             row = self.shards[source].row(index)
@@ -518,29 +522,27 @@ class LMDataset(IterableDataset):
             learn_leading_image(seq, self.vocab)  # an image→text record's image (a no-op for text→image)
         return seq
 
-    def _length(self, plan: np.ndarray, position: int) -> int:
-        """Positions of ``plan[position]``'s sequence, its record built with blank image codes (0 if rejected)."""
-        blank = torch.zeros(self.vocab.num_codebooks, *self.vocab.grid, dtype=torch.long)
-        cfg, rng = self.config, self._item_rng(position)  # the draws sequence() makes
-        try:
-            record, where = self.record(plan[position], rng)
-            seq = build_sequence(
-                record, self.vocab, self.text_tokenizer.encode, lambda ref: blank,
-                max_len=cfg.max_len, truncate=cfg.truncate, where=where,
-            )  # fmt: skip
-        except RecordRejected:  # sequence() rejects it again and replaces it
-            return 0
-        return int(seq.tokens.shape[0])
-
     def _pool(self, plan: np.ndarray, pool: int) -> list[np.ndarray]:
         """The plan positions of each batch of pool ``pool`` (``length_pool`` batches), sorted by length."""
         bs, size = self.config.batch_size, self.config.length_pool
         positions = np.arange(pool * size * bs, min((pool + 1) * size * bs, len(plan)))
-        lengths = [self._length(plan, int(p)) for p in positions]
-        ordered = positions[np.argsort(lengths, kind="stable")]
+        ordered = positions[np.argsort(self._lengths(plan, positions), kind="stable")]
         batches = [ordered[i : i + bs] for i in range(0, len(ordered), bs)]
         rng = np.random.default_rng([self.config.seed, self.epoch, self.rank, 2, pool])
         return [batches[i] for i in rng.permutation(len(batches))]
+
+    def _lengths(self, plan: np.ndarray, positions: np.ndarray) -> list[int]:
+        """The positions of each ``plan[positions]``'s sequence, built with blank image codes (0 if rejected; an
+        unknown image is only found by the real build)."""
+        blank = torch.zeros(self.vocab.num_codebooks, *self.vocab.grid, dtype=torch.long)
+
+        def length(position: int) -> int:
+            try:
+                return len(self._build(plan, position, lambda ref: blank)[0].tokens)
+            except RecordRejected:  # sequence() rejects it again and replaces it
+                return 0
+
+        return [length(int(p)) for p in positions]
 
     def _replaceable(self, plan: np.ndarray, position: int, skipped: Counter) -> Sequence:
         for attempt in range(MAX_REPLACEMENTS):
