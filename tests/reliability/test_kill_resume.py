@@ -100,10 +100,10 @@ def _reap(proc) -> int:
 def _kill_after_step(proc, ckpt: Path, min_step: int, rng: random.Random, delay_until: int = 10**9) -> int:
     """SIGKILL ``proc`` once ``ckpt`` holds step >= ``min_step``; the step it holds then.
 
-    The kill lands a random moment later while the checkpoint's step is below ``delay_until``, at once
-    after that, so a run near its end cannot finish before the kill.
+    The kill lands a random moment later (mid-step, mid-save, between steps), or at once when the checkpoint
+    reaches ``delay_until``, so a run near its end cannot finish before the kill.
     """
-    deadline, seen = time.monotonic() + RUN_TIMEOUT_S, None
+    deadline, seen, kill_at = time.monotonic() + RUN_TIMEOUT_S, None, None
     while _alive(proc) and time.monotonic() < deadline:
         try:
             stamp = ckpt.stat().st_mtime_ns
@@ -112,27 +112,15 @@ def _kill_after_step(proc, ckpt: Path, min_step: int, rng: random.Random, delay_
         if stamp is not None and stamp != seen:
             seen = stamp
             step = _checkpoint_step(ckpt)
-            if step >= min_step:
-                if step < delay_until:  # anywhere: mid-step, mid-save, between steps
-                    _wait_unless_reached(ckpt, seen, rng.uniform(0.0, 0.3), delay_until)
-                os.kill(proc.pid, signal.SIGKILL)
-                break
+            if step >= min_step and (kill_at is None or step >= delay_until):
+                kill_at = time.monotonic() + (rng.uniform(0.0, 0.3) if step < delay_until else 0.0)
+        if kill_at is not None and time.monotonic() >= kill_at:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
         time.sleep(0.005)
     code = _reap(proc)
     assert code == -signal.SIGKILL, f"the run ended ({code}) before it could be killed"
     return _checkpoint_step(ckpt)
-
-
-def _wait_unless_reached(ckpt: Path, seen: int, seconds: float, step: int) -> None:
-    """Sleep ``seconds``, or less once ``ckpt`` holds ``step``: fast steps could otherwise run to the end."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        stamp = ckpt.stat().st_mtime_ns
-        if stamp != seen:
-            seen = stamp
-            if _checkpoint_step(ckpt) >= step:
-                return
-        time.sleep(0.005)
 
 
 def _assert_same_weights(path_a: Path, path_b: Path) -> None:
