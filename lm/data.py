@@ -279,7 +279,7 @@ class LMDataConfig:
     """Share of the image→text records (reports, VQA) that also learn the image they open with (0 = none,
     1 = all). Their ``<bos><boi> image`` is the unconditional layout guidance contrasts with, and the backbone
     runs over it anyway, so this adds unconditional image training at the cost of depth-head work (the
-    quickstart's LM steps took 1.3 times as long at 1, 1.13-1.16 at 0.5; docs/BENCHMARKS.md)."""
+    quickstart's LM steps took 1.29 times as long at 1, 1.16 at 0.5; docs/BENCHMARKS.md)."""
     grounding: bool = False
     """Grounding targets (:mod:`lm.grounding`) for the records of rows whose ``attributes`` list phantom
     findings: each region's finding at ``<eoi>``, and in text→image records each image position's; trained
