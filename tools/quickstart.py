@@ -146,7 +146,7 @@ def train_lm(v: Variant, tokenizer: Path, shards: list[Path], stages: Path, devi
         "data.vqa_report_first=0.5",
         # half the reports' and VQA's images learnt too, as unconditional ones: 16 % longer steps,
         # and the prompted findings drawn in place more often at guidance 3 (most of what learning all of them
-        # gains, at under half its cost: understanding_image_loss in BENCHMARKS)
+        # gains, at a little over half its cost: understanding_image_loss in BENCHMARKS)
         "data.understanding_image_loss=0.5",
         # what each quadrant holds as an auxiliary target (lm/grounding.py), on the middle block: it lets
         # prompts place findings and questions find the region they name (lm37 in docs/BENCHMARKS.md)
